@@ -1,0 +1,44 @@
+# titan: `make train` and `make test` set everything up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: install train test test-fast lint format clean
+
+install: $(STAMP)
+
+# Where torch is already installed (a GPU image) the venv sees it and keeps it; otherwise the
+# CPU build torch==2.13.0 is installed first so that the project's `torch>=2.11,<2.14` keeps it.
+$(STAMP): pyproject.toml
+	@if [ ! -x $(PY) ]; then \
+	  if $(PYTHON) -c "import torch" 2>/dev/null; then \
+	    echo "keeping the installed torch"; $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  else $(PYTHON) -m venv $(VENV); fi; \
+	fi
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test]'
+	@touch $(STAMP)
+
+train: $(STAMP)
+	$(PY) launch.py $(ARGS)
+
+test: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --durations=15 $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check titan tests launch.py benchmarks
+	$(PY) -m ruff format --check titan tests launch.py benchmarks
+
+format: $(STAMP)
+	$(PY) -m ruff check --fix titan tests launch.py benchmarks
+	$(PY) -m ruff format titan tests launch.py benchmarks
+
+clean:
+	rm -rf runs outputs multirun .pytest_cache
