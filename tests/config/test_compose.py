@@ -1,0 +1,91 @@
+import dataclasses
+
+import pytest
+from omegaconf import OmegaConf
+
+from tests.config.compose import compose_config, group_options
+from titan.config.build import ConfigError, build_run_config
+from titan.config.schema import RunConfig
+from titan.config.validate import validate
+
+GROUPS = ["model", "parallelism", "optimizer", "data", "checkpoint", "cluster"]
+# Options whose mandatory keys (`???`) a user must give; the values here stand in for them.
+REQUIRED = {
+    "data=c4": ["data.tokenizer=${titan_asset:tokenizers/titan_debug.tiktoken}"],
+    "data=jsonl": ["data.path=${titan_asset:c4_test/c4-train.00000-of-00001.json}"],
+    "data=parquet": ["data.path=/data/shard-*.parquet"],
+    "data=text": ["data.path=/data/*.txt"],
+}
+
+
+@pytest.mark.parametrize(
+    "choice", [f"{g}={o}" for g in GROUPS for o in group_options(g)], ids=lambda c: c.replace("=", "-")
+)
+def test_every_option_composes_and_instantiates(choice):
+    cfg = build_run_config(compose_config([choice, *REQUIRED.get(choice, [])]))
+    assert isinstance(cfg, RunConfig)
+    group, option = choice.split("=")
+    assert dataclasses.is_dataclass(getattr(cfg, group))
+    if group == "parallelism" and option == "single":
+        validate(cfg.replace(cluster={"nproc_per_node": 1}), world=1)
+    elif group == "model":
+        validate(cfg.replace(training={"seq_len": 256}), world=2)
+    else:
+        validate(cfg, world=2)
+
+
+def test_defaults_are_the_make_train_run():
+    cfg = build_run_config(compose_config())
+    assert cfg.model.dim == 256 and cfg.training.steps == 100
+    assert cfg.optimizer.betas == (0.9, 0.95)  # lists become tuples: the config stays hashable
+    hash(cfg)
+    assert cfg.run.group == "llama3_debug" and cfg.run.name == "default"
+
+
+def test_overrides_reach_the_dataclasses():
+    cfg = build_run_config(compose_config(["optimizer.lr=1e-3", "training.steps=7", "parallelism=single"]))
+    assert cfg.optimizer.lr == 1e-3 and cfg.training.steps == 7 and cfg.parallelism.dp_shard == 1
+
+
+def test_run_name_is_deterministic_and_ignores_watch_only_keys():
+    a = build_run_config(compose_config(["optimizer.lr=1e-3"])).run.name
+    b = build_run_config(compose_config(["optimizer.lr=1e-3", "training.steps=500", "metrics.log_freq=1"])).run.name
+    c = build_run_config(compose_config(["optimizer.lr=2e-3"])).run.name
+    assert a == b != c
+    assert a.startswith("optimizer.lr=0.001-")
+
+
+def test_explicit_run_name():
+    assert build_run_config(compose_config(["run.name=baseline"])).run.name == "baseline"
+
+
+def test_unknown_key_lists_the_valid_keys():
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) training.stepz; valid keys of training: .*steps"):
+        build_run_config(compose_config(["+training.stepz=5"]))
+
+
+def test_target_outside_the_allow_list_is_refused():
+    with pytest.raises(ConfigError, match="os.system is not allowed"):
+        build_run_config(compose_config(["training._target_=os.system"]))
+
+
+def test_missing_mandatory_value_names_the_key():
+    with pytest.raises(ConfigError, match=r"data.tokenizer must be set"):
+        build_run_config(compose_config(["data=c4"]))
+
+
+def test_cli_typo_fails_at_composition():
+    with pytest.raises(Exception, match="stepz"):
+        compose_config(["training.stepz=5"])
+
+
+def test_resolved_config_round_trips_as_plain_yaml():
+    cfg = compose_config()
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    again = build_run_config(OmegaConf.create(plain))
+    assert again == build_run_config(cfg)
+
+
+def test_model_shape_errors_surface_as_config_errors():
+    with pytest.raises(ConfigError, match="model.n_heads=8 must be a multiple of model.n_kv_heads=3"):
+        build_run_config(compose_config(["model.n_kv_heads=3"]))

@@ -1,0 +1,70 @@
+import pytest
+
+from titan.config.build import ConfigError
+from titan.config.schema import RunConfig
+from titan.config.validate import validate
+
+
+def base() -> RunConfig:
+    return RunConfig().replace(data={"path": "unused", "tokenizer": "unused"})
+
+
+def test_valid_default_gives_parallel_dims():
+    dims = validate(base(), world=4)
+    assert (dims.dp_replicate, dims.dp_shard, dims.dp) == (1, 4, 4)
+
+
+def test_global_batch_not_divisible_names_keys_and_fix():
+    cfg = base().replace(training={"global_batch_size": 10, "micro_batch_size": 2})
+    with pytest.raises(ConfigError) as e:
+        validate(cfg, world=4)
+    assert "training.global_batch_size=10 is not divisible by dp=4 x training.micro_batch_size=2; use 8 or 16" in str(
+        e.value
+    )
+
+
+def test_degrees_must_multiply_to_world_size():
+    cfg = base().replace(parallelism={"dp_shard": 3})
+    with pytest.raises(ConfigError, match=r"dp_shard=3 = 3, but the world size .* is 4"):
+        validate(cfg, world=4)
+
+
+@pytest.mark.parametrize(
+    "group,key,value",
+    [
+        ("training", "ac", "sometimes"),
+        ("training", "param_dtype", "float8"),
+        ("optimizer", "schedule", "step"),
+        ("optimizer", "name", "lion"),
+        ("metrics", "progress", "fancy"),
+        ("run", "resume", "maybe"),
+        ("data", "source", "ftp"),
+        ("parallelism", "reshard_after_forward", "sometimes"),
+    ],
+)
+def test_bad_choice_lists_the_choices(group, key, value):
+    cfg = base().replace(**{group: {key: value}})
+    with pytest.raises(ConfigError, match=rf"{group}.{key}='{value}' is not one of"):
+        validate(cfg, world=2)
+
+
+def test_every_problem_is_reported_at_once():
+    cfg = base().replace(training={"steps": 0, "seq_len": 4096}, optimizer={"lr": -1.0}, model={"max_seq_len": 2048})
+    with pytest.raises(ConfigError) as e:
+        validate(cfg, world=2)
+    message = str(e.value)
+    assert "training.steps=0" in message and "model.max_seq_len" in message and "optimizer.lr=-1.0" in message
+
+
+def test_workers_must_divide_streams_per_rank():
+    cfg = base().replace(data={"num_workers": 3})
+    with pytest.raises(ConfigError, match=r"data.num_workers=3 does not divide the 4 sequences"):
+        validate(cfg, world=2)
+
+
+def test_warmup_longer_than_training():
+    cfg = base().replace(training={"steps": 10}, optimizer={"warmup_steps": 10})
+    with pytest.raises(ConfigError, match="optimizer.warmup_steps=10"):
+        validate(cfg, world=1)
+
+

@@ -1,0 +1,159 @@
+"""The run directory: resume policy, provenance files, and per-rank logs."""
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from titan.checkpoint import complete_steps
+
+log = logging.getLogger("titan")
+
+# Keys that may differ from the saved config when a run resumes: they change where and how the run
+# is watched or how it is laid out on the hardware, not what it computes (layout changes agree within
+# the parallel-layout tolerance).
+RESUMABLE_CHANGES = (
+    "run.",
+    "metrics.",
+    "checkpoint.interval",
+    "training.steps",
+    "training.micro_batch_size",
+    "training.compile",
+    "training.ac",
+    "training.gc_freq",
+    "parallelism.",
+    "cluster.",
+    "data.num_workers",
+)
+SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+
+
+def run_name_from_overrides(override_dirname: str) -> str:
+    """A deterministic, readable directory name for a set of overrides (never a timestamp)."""
+    if not override_dirname:
+        return "default"
+    slug = re.sub(r"[^A-Za-z0-9_.=,+-]", "_", override_dirname)[:60]
+    digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:8]
+    return f"{slug}-{digest}"
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_changes(saved: dict, new: dict) -> list[tuple[str, object, object]]:
+    a, b = flatten(saved), flatten(new)
+    return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+
+
+class ResumeRefused(ValueError):
+    pass
+
+
+def check_resume(run_dir: Path, config: dict, resume: str) -> int | None:
+    """Apply `run.resume` to a run dir; returns the step to resume from, or None for a fresh start."""
+    steps = complete_steps(run_dir / "checkpoints")
+    if resume == "never" and steps:
+        raise ResumeRefused(
+            f"{run_dir} already holds checkpoints (steps {steps}) and run.resume=never; "
+            f"choose another run.name, delete the directory, or use run.resume=auto"
+        )
+    if resume == "must" and not steps:
+        raise ResumeRefused(f"run.resume=must but {run_dir} holds no complete checkpoint to resume from")
+    if not steps:
+        return None
+    saved_file = run_dir / "config.yaml"
+    if saved_file.exists():
+        changes = config_changes(yaml.safe_load(saved_file.read_text()), config)
+        refused = [c for c in changes if not c[0].startswith(RESUMABLE_CHANGES)]
+        if refused:
+            diff = "\n".join(f"  {k}: {old!r} -> {new!r}" for k, old, new in refused)
+            raise ResumeRefused(
+                f"{run_dir} holds a checkpoint of a run with another configuration:\n{diff}\n"
+                f"Resume with the saved values, or start a new run (another run.name, or run.resume=never)."
+            )
+        for key, old, new in changes:
+            log.info("resuming with a changed setting: %s: %r -> %r", key, old, new)
+    return steps[-1]
+
+
+def _git_state() -> str:
+    source = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", str(source), "status", "--short"], capture_output=True, text=True
+        ).stdout
+        diff = subprocess.run(["git", "-C", str(source), "diff", "HEAD"], capture_output=True, text=True).stdout
+        return f"commit {commit}\nsource {source}\n\n# git status --short\n{status}\n# git diff HEAD\n{diff}"
+    except (OSError, subprocess.CalledProcessError):
+        return f"source {source} is not a git checkout\n"
+
+
+def _env_report() -> str:
+    lines = [
+        f"host: {socket.gethostname()}",
+        f"python: {sys.version.split()[0]} ({platform.platform()})",
+        f"torch: {torch.__version__}",
+        f"cuda: {torch.version.cuda}",
+        f"nccl: {'.'.join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None}",
+        f"devices: {[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] or ['cpu']}",
+        f"cpu_count: {os.cpu_count()}",
+        "",
+        "# packages",
+        *sorted(f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions()),
+        "",
+        "# environment (names containing KEY, TOKEN, SECRET or PASSWORD are left out)",
+        *sorted(f"{k}={v}" for k, v in os.environ.items() if not any(m in k.upper() for m in SECRET_MARKERS)),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_provenance(run_dir: Path, config: dict, overrides: list[str], argv: list[str]) -> None:
+    """config.yaml (resolved), overrides.yaml, git.txt, env.txt, cmd.txt. Rank 0 / the launcher only."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (run_dir / "overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
+    (run_dir / "git.txt").write_text(_git_state())
+    (run_dir / "env.txt").write_text(_env_report())
+    with open(run_dir / "cmd.txt", "a") as f:  # one line per launch: the history of restarts
+        f.write(json.dumps({"cwd": os.getcwd(), "argv": argv}) + "\n")
+
+
+def setup_rank_logging(run_dir: Path, rank: int) -> None:
+    """Every rank logs to logs/rank<N>.log; rank 0 also to the console."""
+    logs = run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(message)s", "%H:%M:%S")
+    logger = logging.getLogger("titan")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    file_handler = logging.FileHandler(logs / f"rank{rank}.log")
+    file_handler.setFormatter(fmt)
+    logger.addHandler(file_handler)
+    if rank == 0:
+        console = logging.StreamHandler(sys.stdout)
+        console.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(console)

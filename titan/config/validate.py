@@ -1,0 +1,123 @@
+"""Cross-group checks of a RunConfig, run before any process group, tensor or directory exists.
+
+Every message names the keys involved and a fix. All problems are reported at once.
+"""
+
+from titan.config.build import ConfigError
+from titan.config.schema import RunConfig
+from titan.parallel.ac import AC_MODES
+from titan.parallel.fsdp import DTYPES, RESHARD_CHOICES
+from titan.parallel.mesh import ParallelDims
+from titan.train.optim import OPTIMIZERS, SCHEDULES
+
+DATA_SOURCES = ("huggingface", "jsonl", "parquet", "text")
+RESUME_POLICIES = ("auto", "never", "must")
+PROGRESS_MODES = ("auto", "bar", "lines")
+DEVICES = ("auto", "cpu", "cuda")
+IMPLEMENTATIONS = ("auto", "fused", "foreach", "for_loop")
+
+
+def _choice(errors: list[str], key: str, value, choices) -> None:
+    if value not in choices:
+        errors.append(f"{key}={value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def _positive(errors: list[str], key: str, value, minimum=1) -> None:
+    if value < minimum:
+        errors.append(f"{key}={value} must be >= {minimum}")
+
+
+def _nearest_multiples(value: int, unit: int) -> str:
+    lower = max(unit, value // unit * unit)
+    return f"{lower} or {lower + unit}" if lower != value else str(value)
+
+
+def world_size(cfg: RunConfig, gpus_on_machine: int) -> int:
+    return cfg.cluster.nodes * nproc_per_node(cfg, gpus_on_machine)
+
+
+def nproc_per_node(cfg: RunConfig, gpus_on_machine: int) -> int:
+    """`cluster.nproc_per_node`, or one rank per GPU, or 2 ranks on a CPU machine."""
+    if cfg.cluster.nproc_per_node is not None:
+        return cfg.cluster.nproc_per_node
+    return gpus_on_machine if gpus_on_machine > 0 else 2
+
+
+def validate(cfg: RunConfig, world: int) -> ParallelDims:
+    """Raise ConfigError listing every problem; return the resolved parallel degrees."""
+    errors: list[str] = []
+    t, m, o, d = cfg.training, cfg.model, cfg.optimizer, cfg.data
+
+    for key in ("steps", "seq_len", "global_batch_size", "micro_batch_size", "gc_freq", "ac_layer_freq"):
+        _positive(errors, f"training.{key}", getattr(t, key))
+    _choice(errors, "training.param_dtype", t.param_dtype, DTYPES)
+    _choice(errors, "training.reduce_dtype", t.reduce_dtype, DTYPES)
+    _choice(errors, "training.ac", t.ac, AC_MODES)
+    _choice(errors, "training.device", t.device, DEVICES)
+    if t.max_norm < 0:
+        errors.append(f"training.max_norm={t.max_norm} must be >= 0 (0 turns clipping off)")
+    if t.seq_len > m.max_seq_len:
+        errors.append(f"training.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower it")
+
+    dims = None
+    _choice(errors, "parallelism.reshard_after_forward", cfg.parallelism.reshard_after_forward, RESHARD_CHOICES)
+    try:
+        dims = ParallelDims.resolve(cfg.parallelism, world)
+    except ValueError as e:
+        errors.append(str(e))
+    if dims is not None:
+        unit = dims.dp * t.micro_batch_size
+        if t.global_batch_size % unit:
+            errors.append(
+                f"training.global_batch_size={t.global_batch_size} is not divisible by dp={dims.dp} x "
+                f"training.micro_batch_size={t.micro_batch_size}; use {_nearest_multiples(t.global_batch_size, unit)}"
+            )
+        streams_per_rank = t.global_batch_size // dims.dp
+        if d.num_workers > 0 and streams_per_rank % d.num_workers:
+            errors.append(
+                f"data.num_workers={d.num_workers} does not divide the {streams_per_rank} sequences each rank "
+                f"loads per step (training.global_batch_size / dp); use a divisor of {streams_per_rank}"
+            )
+
+    _choice(errors, "optimizer.name", o.name, OPTIMIZERS)
+    _choice(errors, "optimizer.schedule", o.schedule, SCHEDULES)
+    _choice(errors, "optimizer.implementation", o.implementation, IMPLEMENTATIONS)
+    if o.lr <= 0:
+        errors.append(f"optimizer.lr={o.lr} must be > 0")
+    if not 0 <= o.warmup_steps < max(t.steps, 1):
+        errors.append(f"optimizer.warmup_steps={o.warmup_steps} must be in [0, training.steps={t.steps})")
+    if not 0 < o.decay_ratio <= 1:
+        errors.append(f"optimizer.decay_ratio={o.decay_ratio} must be in (0, 1]")
+    if not 0 <= o.min_lr_factor <= 1:
+        errors.append(f"optimizer.min_lr_factor={o.min_lr_factor} must be in [0, 1]")
+
+    _choice(errors, "data.source", d.source, DATA_SOURCES)
+    _positive(errors, "data.num_workers", d.num_workers, 0)
+    _positive(errors, "checkpoint.interval", cfg.checkpoint.interval)
+    _positive(errors, "metrics.log_freq", cfg.metrics.log_freq)
+    _choice(errors, "metrics.progress", cfg.metrics.progress, PROGRESS_MODES)
+    _choice(errors, "run.resume", cfg.run.resume, RESUME_POLICIES)
+    _positive(errors, "cluster.nodes", cfg.cluster.nodes)
+    if cfg.cluster.nproc_per_node is not None:
+        _positive(errors, "cluster.nproc_per_node", cfg.cluster.nproc_per_node)
+
+    if errors:
+        raise ConfigError("invalid configuration:\n" + "\n".join(f"  - {e}" for e in errors))
+    return dims
+
+
+def validate_data(cfg: RunConfig) -> None:
+    """Checks that read files (tokenizer, local data): after the cheap checks, still before any rank."""
+    from titan.data.loader import check_data
+    from titan.data.tokenizer import build_tokenizer
+
+    try:
+        check_data(cfg.data)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    vocab = build_tokenizer(cfg.data.tokenizer).vocab_size
+    if vocab > cfg.model.vocab_size:
+        raise ConfigError(
+            f"the tokenizer data.tokenizer={cfg.data.tokenizer} has {vocab} tokens but model.vocab_size="
+            f"{cfg.model.vocab_size}; use a model with vocab_size >= {vocab} or another tokenizer"
+        )

@@ -1,0 +1,237 @@
+"""The training loop, run by every rank with the resolved RunConfig."""
+
+import contextlib
+import gc
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from titan.checkpoint import Checkpointer, complete_steps
+from titan.cluster.rundir import setup_rank_logging
+from titan.config.schema import RunConfig
+from titan.data.loader import TrainLoader
+from titan.metrics import MetricsLogger
+from titan.models.llama.model import Transformer, flops_per_token
+from titan.models.llama.parallelize import parallelize_llama
+from titan.parallel.fsdp import DTYPES
+from titan.parallel.init import init_weights
+from titan.parallel.mesh import ParallelDims, device_for
+from titan.train.loss import cross_entropy_sum
+from titan.train.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger("titan")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join the process group described by the environment (torchrun, the elastic launcher, Slurm)."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if "RANK" in os.environ:
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    else:  # a plain `python` process: a group of one, so the same code path serves every run
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def set_determinism(seed: int, deterministic: bool) -> None:
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run.dir)
+        self.device = device_for(cfg.training.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        init_distributed(self.device)
+        self.rank = dist.get_rank()
+        setup_rank_logging(self.run_dir, self.rank)
+        set_determinism(cfg.training.seed, cfg.training.deterministic)
+
+        self.dims = ParallelDims.resolve(cfg.parallelism, dist.get_world_size())
+        self.mesh = self.dims.build_mesh(self.device.type)
+        self.dp_rank, self.dp_degree = self.dims.dp_coordinates(self.mesh)
+
+        with torch.device("meta"):
+            model = Transformer(cfg.model)
+        self.model = parallelize_llama(model, self.dims, self.mesh, cfg.training, cfg.parallelism)
+        self.model.to_empty(device=self.device)
+        init_weights(self.model, cfg.model, seed=cfg.training.seed, device=self.device)
+        self.model.train()
+        # Without FSDP the compute dtype comes from autocast; with FSDP from its MixedPrecisionPolicy.
+        self.autocast = (
+            torch.autocast(self.device.type, dtype=DTYPES[cfg.training.param_dtype])
+            if not self.dims.fsdp_enabled and cfg.training.param_dtype != "float32"
+            else contextlib.nullcontext()
+        )
+
+        self.optimizer = build_optimizer(self.model, cfg.optimizer, self.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optimizer, cfg.training.steps)
+        self.loader = TrainLoader(
+            cfg.data,
+            seq_len=cfg.training.seq_len,
+            global_batch_size=cfg.training.global_batch_size,
+            dp_rank=self.dp_rank,
+            dp_degree=self.dp_degree,
+        )
+        self.checkpointer = Checkpointer(
+            self.run_dir / "checkpoints",
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            loader=self.loader,
+        )
+        self.step = 0
+        self.tokens_seen = 0
+        self._resume()
+
+        self.metrics = MetricsLogger(
+            cfg.metrics,
+            self.run_dir,
+            enabled=self.rank == 0,
+            total_steps=cfg.training.steps,
+            start_step=self.step,
+            flops_per_token=flops_per_token(cfg.model, cfg.training.seq_len),
+            device=self.device,
+            num_devices=dist.get_world_size(),
+            run_id=f"{cfg.run.group}-{cfg.run.name}".replace("/", "-"),
+            config=cfg.to_dict(),
+        )
+
+    def _resume(self) -> None:
+        steps = complete_steps(self.run_dir / "checkpoints")
+        if not steps:
+            return
+        state = self.checkpointer.load(steps[-1])
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+
+    @property
+    def accumulation_steps(self) -> int:
+        t = self.cfg.training
+        return t.global_batch_size // (self.dp_degree * t.micro_batch_size)
+
+    def train_step(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+        """One optimizer step over this rank's share of the global batch. Returns (loss, grad_norm)."""
+        t = self.cfg.training
+        global_tokens = t.global_batch_size * t.seq_len
+        # Data-parallel gradient reduction averages over dp ranks; scaling by dp turns it into the
+        # sum, so the gradient is d(sum of token losses)/d(w) / global_tokens for every layout.
+        scale = self.dp_degree / global_tokens
+        loss_sum = torch.zeros((), device=self.device)
+        for micro_inputs, micro_labels in zip(
+            inputs.split(t.micro_batch_size), labels.split(t.micro_batch_size), strict=True
+        ):
+            with self.autocast:
+                logits = self.model(micro_inputs.to(self.device))
+            micro_loss = cross_entropy_sum(logits, micro_labels.to(self.device))
+            (micro_loss * scale).backward()
+            loss_sum += micro_loss.detach()
+
+        grad_norm = self._clip_grad_norm()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+        dist.all_reduce(loss_sum)  # each dp rank summed its own tokens
+        return loss_sum.item() / global_tokens, grad_norm
+
+    def _clip_grad_norm(self) -> float:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        if isinstance(norm, torch.distributed.tensor.DTensor):
+            norm = norm.full_tensor()  # sums the squares of every shard: the true global norm
+        if self.cfg.training.max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(grads, self.cfg.training.max_norm, norm, foreach=True)
+        return norm.item()
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        tokens_per_step_per_rank = cfg.training.global_batch_size // self.dp_degree * cfg.training.seq_len
+        log.info(
+            "training %s for %d steps from step %d: world %d, dp %d, accumulation %d, %s",
+            cfg.run.group,
+            cfg.training.steps,
+            self.step,
+            self.dims.world_size,
+            self.dp_degree,
+            self.accumulation_steps,
+            self.device,
+        )
+        gc.disable()  # collected at a fixed cadence instead, on every rank at once (no straggler pauses)
+        batches = iter(self.loader)
+        result = {"step": self.step}
+        interval_start, data_seconds, interval_tokens = time.perf_counter(), 0.0, 0
+        try:
+            while self.step < cfg.training.steps:
+                self.step += 1
+                if self.step % cfg.training.gc_freq == 0:
+                    gc.collect(1)
+                data_start = time.perf_counter()
+                inputs, labels = next(batches)
+                data_seconds += time.perf_counter() - data_start
+
+                lr = self.scheduler.get_last_lr()[0]
+                loss, grad_norm = self.train_step(inputs, labels)
+                self.tokens_seen += tokens_per_step_per_rank * self.dp_degree
+                interval_tokens += tokens_per_step_per_rank
+                if not math.isfinite(loss):
+                    self._stop_on_nonfinite(loss)
+
+                self.metrics.advance(self.step)
+                if self.metrics.should_log(self.step):
+                    now = time.perf_counter()
+                    result = self.metrics.log(
+                        self.step,
+                        loss=loss,
+                        grad_norm=grad_norm,
+                        lr=lr,
+                        tokens=interval_tokens,
+                        seconds=now - interval_start,
+                        data_seconds=data_seconds,
+                    )
+                    interval_start, data_seconds, interval_tokens = now, 0.0, 0
+
+                if cfg.checkpoint.enable and (
+                    self.step % cfg.checkpoint.interval == 0 or self.step == cfg.training.steps
+                ):
+                    self.checkpointer.save(self.step, {"step": self.step, "tokens_seen": self.tokens_seen})
+        finally:
+            gc.enable()
+            self.metrics.close()
+            self.loader.close()
+        return result
+
+    def _stop_on_nonfinite(self, loss: float) -> None:
+        steps = complete_steps(self.run_dir / "checkpoints")
+        last = f"the newest complete checkpoint is step {steps[-1]}" if steps else "there is no checkpoint"
+        raise NonFiniteLossError(
+            f"loss is {loss} at step {self.step}; {last}. Lower optimizer.lr, raise optimizer.warmup_steps "
+            f"or set training.max_norm, then resume (or pick an earlier checkpoint)."
+        )
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(cfg: RunConfig) -> dict:
+    """Entry point of one rank."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
