@@ -1,6 +1,27 @@
-"""Llama 3 (Meta's reference architecture), as a pure module: no distributed code here."""
+"""Llama 3 (Meta's reference architecture), as a pure module: no distributed code here.
 
+Follows Meta's llama3 `model.py` (pre-norm RMSNorm, grouped-query attention with rotary
+embeddings, SwiGLU feed-forward) with three changes for training at scale:
+- rotary embeddings use real cos/sin tables instead of complex numbers (inductor cannot fuse
+  complex ops); the math, and the interleaved-pairs layout of wq/wk, are Meta's;
+- `layers` is an `nn.ModuleDict` keyed "0", "1", ... so a pipeline stage can delete blocks and
+  keep every parameter name; `tok_embeddings`, `norm` and `output` may be set to None;
+- `init_weights` fills every tensor in place, so the model can be built on the meta device,
+  sharded, materialised with `to_empty` and only then initialised.
+"""
+
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Weight init: normal(0, 0.02) for every embedding and linear weight (GPT-2, Megatron-LM); the two
+# projections that write into the residual stream (wo, w2) use 0.02/sqrt(2*n_layers): GPT-2
+# residual scaling, two residual additions per block.
+INIT_STD = 0.02
 
 
 @dataclass(frozen=True)
@@ -20,3 +41,257 @@ class ModelArgs:
     rope_original_max_seq_len: int = 8192
     max_seq_len: int = 131072  # longest sequence the rotary table covers
     tie_embeddings: bool = False
+
+    def __post_init__(self):
+        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
+            raise ValueError(
+                f"model.dim={self.dim} must be n_heads={self.n_heads} times an even head size; "
+                "change model.dim or model.n_heads"
+            )
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads} "
+                "(each kv head serves a whole group of query heads)"
+            )
+        if self.rope_scaling_factor and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            raise ValueError(
+                f"model.rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
+                f"model.rope_low_freq_factor={self.rope_low_freq_factor}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+def num_params(args: ModelArgs, exclude_embedding: bool = False) -> int:
+    """Parameter count, from the shapes alone (nothing is allocated).
+
+    A tied output projection shares the embedding's tensor and counts once. `exclude_embedding`
+    drops the token-embedding table, a lookup that costs no FLOPs; the output projection is a
+    matmul and stays counted, tied or not (so the shared tensor then counts as the output).
+    """
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    attention = args.dim * q + 2 * args.dim * kv + q * args.dim  # wq, wk, wv, wo
+    feed_forward = 3 * args.dim * args.ffn_dim  # w1, w2, w3
+    block = attention + feed_forward + 2 * args.dim  # + attention_norm, ffn_norm
+    embedding = args.vocab_size * args.dim
+    output = args.vocab_size * args.dim
+    total = args.n_layers * block + args.dim + output  # + final norm
+    if exclude_embedding:
+        return total
+    return total if args.tie_embeddings else total + embedding
+
+
+def flops_per_token(args: ModelArgs, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward): 6*N + 12*L*H*Q*T.
+
+    N: parameters without the token embedding (each multiplies one token once forward, twice
+    backward, 2 FLOPs per multiply-add); 12*L*H*Q*T: the attention score and value matmuls over
+    a sequence of T tokens, counted without the causal mask (PaLM, appendix B; torchtitan).
+    """
+    n = num_params(args, exclude_embedding=True)
+    return 6 * n + 12 * args.n_layers * args.n_heads * args.head_dim * seq_len
+
+
+def init_normal(module: nn.Module):
+    nn.init.normal_(module.weight, std=INIT_STD)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalised in float32 whatever the input dtype, as in Meta's reference.
+        x32 = x.float()
+        out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return out.type_as(x) * self.weight
+
+    def reset_parameters(self):
+        nn.init.ones_(self.weight)
+
+
+def rope_frequencies(args: ModelArgs) -> torch.Tensor:
+    """Rotation speed (radians per position) of each pair of a head's dimensions, [head_dim/2]."""
+    dim = args.head_dim
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2).float() / dim))
+    if not args.rope_scaling_factor:
+        return freqs
+    # Llama 3.1 scaling (Meta's `apply_scaling`): wavelengths shorter than
+    # original/high_freq_factor are kept, longer than original/low_freq_factor are divided by the
+    # factor, and the band between is interpolated smoothly.
+    factor, low, high = args.rope_scaling_factor, args.rope_low_freq_factor, args.rope_high_freq_factor
+    original = args.rope_original_max_seq_len
+    wavelen = 2 * math.pi / freqs
+    smooth = (original / wavelen - low) / (high - low)
+    interpolated = (1 - smooth) * freqs / factor + smooth * freqs
+    scaled = torch.where(wavelen > original / low, freqs / factor, interpolated)
+    return torch.where(wavelen < original / high, freqs, scaled)
+
+
+def rope_cache(args: ModelArgs) -> torch.Tensor:
+    """cos and sin of every position's rotation angles, [max_seq_len, head_dim]: cos | sin."""
+    positions = torch.arange(args.max_seq_len).float()
+    # float32 angles, as in Meta's reference: converted checkpoints see the angles they were
+    # trained with.
+    angles = torch.outer(positions, rope_frequencies(args))
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+def apply_rotary_emb(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate each (even, odd) pair of x [B, S, heads, head_dim] by its angle; rope is [S, head_dim].
+
+    The real form of Meta's complex product (x0 + i*x1) * (cos + i*sin), computed in float32.
+    """
+    cos, sin = rope.view(1, x.shape[1], 1, -1).chunk(2, dim=-1)
+    pairs = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[B, S, kv_heads, D] -> [B, S, kv_heads * n_rep, D]; query head h reads kv head h // n_rep."""
+    if n_rep == 1:
+        return x
+    b, s, kv_heads, d = x.shape
+    return x[:, :, :, None, :].expand(b, s, kv_heads, n_rep, d).reshape(b, s, kv_heads * n_rep, d)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.head_dim = args.head_dim
+        self.n_rep = args.n_heads // args.n_kv_heads
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        # -1 heads: under tensor parallelism each rank holds a slice of the heads.
+        xq = self.wq(x).view(bsz, seqlen, -1, self.head_dim)
+        xk = self.wk(x).view(bsz, seqlen, -1, self.head_dim)
+        xv = self.wv(x).view(bsz, seqlen, -1, self.head_dim)
+        xq, xk = apply_rotary_emb(xq, rope), apply_rotary_emb(xk, rope)
+        # Repeated explicitly rather than `enable_gqa`: every SDPA backend and torch's ring
+        # attention (context parallelism) accept equal head counts.
+        xk, xv = repeat_kv(xk, self.n_rep), repeat_kv(xv, self.n_rep)
+        out = F.scaled_dot_product_attention(
+            xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2), is_causal=True
+        )
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+    def init_weights(self, out_std: float):
+        for linear in (self.wq, self.wk, self.wv):
+            nn.init.normal_(linear.weight, std=INIT_STD)
+        nn.init.normal_(self.wo.weight, std=out_std)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def init_weights(self, out_std: float):
+        nn.init.normal_(self.w1.weight, std=INIT_STD)
+        nn.init.normal_(self.w3.weight, std=INIT_STD)
+        nn.init.normal_(self.w2.weight, std=out_std)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.feed_forward = FeedForward(args.dim, args.ffn_dim)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def init_weights(self, out_std: float):
+        self.attention_norm.reset_parameters()
+        self.ffn_norm.reset_parameters()
+        self.attention.init_weights(out_std)
+        self.feed_forward.init_weights(out_std)
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
+        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        # Not in the state dict: derived from args, recomputed by init_weights after to_empty.
+        self.register_buffer("rope_cache", rope_cache(args), persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, S] -> logits [B, S, vocab]. A pipeline stage without tok_embeddings takes
+        hidden states [B, S, dim]; one without norm/output returns hidden states."""
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        seqlen = h.shape[1]
+        if seqlen > self.rope_cache.shape[0]:
+            raise ValueError(
+                f"sequence of {seqlen} tokens is longer than the rotary table "
+                f"({self.rope_cache.shape[0]}); raise model.max_seq_len"
+            )
+        rope = self.rope_cache[:seqlen]
+        for layer in self.layers.values():
+            h = layer(h, rope)
+        h = self.norm(h) if self.norm is not None else h
+        return self.output(h) if self.output is not None else h
+
+    @torch.no_grad()
+    def init_weights(self, buffer_device: torch.device | str | None = None):
+        """Fill every parameter and the rotary table in place (after `to_empty`).
+
+        Draws from the global RNG in a fixed order, so a seed gives the same weights.
+        buffer_device: where to put the rotary table (default: where it is now).
+        """
+        self.init_rope(buffer_device)
+        for unit, init in self.weight_init_plan():
+            init(unit)
+
+    @torch.no_grad()
+    def init_rope(self, buffer_device: torch.device | str | None = None):
+        with torch.device(buffer_device or self.rope_cache.device):
+            self.rope_cache = rope_cache(self.args)
+
+    def weight_init_plan(self) -> list[tuple[nn.Module, Callable[[nn.Module], None]]]:
+        """The initialisation units in the order init_weights draws them, each with a function
+        that initialises that unit (or an unsharded copy of it) in place."""
+        out_std = INIT_STD / math.sqrt(2 * self.args.n_layers)  # all layers, also on a pipeline stage
+        plan = []
+        if self.tok_embeddings is not None:
+            plan.append((self.tok_embeddings, init_normal))
+        # init called as a method: a block wrapped for activation checkpointing or compile forwards it
+        plan += [(layer, lambda block: block.init_weights(out_std)) for layer in self.layers.values()]
+        if self.norm is not None:
+            plan.append((self.norm, RMSNorm.reset_parameters))
+        # A tied output is the embedding, already drawn (unless this stage has no embedding).
+        if self.output is not None and not (self.args.tie_embeddings and self.tok_embeddings is not None):
+            plan.append((self.output, init_normal))
+        return plan
+
+    def _apply(self, fn, recurse=True):
+        # Moving off the meta device (`to_empty`) gives each module its own new tensor, which
+        # would silently untie the output projection from the embedding: tie them again.
+        super()._apply(fn, recurse)
+        if self.args.tie_embeddings and self.tok_embeddings is not None and self.output is not None:
+            self.output.weight = self.tok_embeddings.weight
+        return self

@@ -1,0 +1,73 @@
+"""conf/model/*.yaml: every option instantiates, and the published models have their published sizes."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from titan.models.llama.model import ModelArgs, Transformer, num_params
+
+MODEL_CONFIGS = Path(__file__).resolve().parents[2] / "conf" / "model"
+
+# Parameter counts as Meta publishes them (model cards), and the precision they are printed at.
+PUBLISHED_BILLIONS = {
+    "llama3_1b": (1.24, 2),  # Llama 3.2 1B
+    "llama3_3b": (3.21, 2),  # Llama 3.2 3B
+    "llama3_8b": (8.03, 2),  # Llama 3.1 8B
+    "llama3_70b": (70.6, 1),  # Llama 3.1 70B
+    "llama3_405b": (405.9, 1),  # Llama 3.1 405B
+}
+# Shared by every published Llama 3.1 / 3.2 model.
+COMMON = {
+    "vocab_size": 128256,
+    "rope_theta": 500000.0,
+    "norm_eps": 1e-5,
+    "rope_low_freq_factor": 1.0,
+    "rope_high_freq_factor": 4.0,
+    "rope_original_max_seq_len": 8192,
+    "max_seq_len": 131072,
+}
+
+
+def load(option: str) -> ModelArgs:
+    node = OmegaConf.load(MODEL_CONFIGS / f"{option}.yaml")
+    assert node._target_ == "titan.models.llama.model.ModelArgs"
+    # every field written out, none left to the dataclass defaults
+    assert set(node.keys()) - {"_target_"} == set(ModelArgs.__dataclass_fields__)
+    args = instantiate(node)
+    assert isinstance(args, ModelArgs)
+    return args
+
+
+def test_every_option_is_listed():
+    assert {p.stem for p in MODEL_CONFIGS.glob("*.yaml")} == {"llama3_debug", *PUBLISHED_BILLIONS}
+
+
+@pytest.mark.parametrize("option", sorted(PUBLISHED_BILLIONS))
+def test_published_sizes_on_the_meta_device(option):
+    args = load(option)
+    assert {k: getattr(args, k) for k in COMMON} == COMMON
+    with torch.device("meta"):
+        model = Transformer(args)
+    count = sum(p.numel() for p in model.parameters())  # a tied output counts once
+    billions, digits = PUBLISHED_BILLIONS[option]
+    assert round(count / 1e9, digits) == billions
+    assert num_params(args) == count
+
+
+def test_debug_model():
+    args = load("llama3_debug")
+    assert args == ModelArgs(
+        dim=256,
+        n_layers=4,
+        n_heads=8,
+        n_kv_heads=4,
+        vocab_size=2304,
+        ffn_dim=768,
+        rope_scaling_factor=8.0,
+        max_seq_len=2048,
+        tie_embeddings=False,
+    )
+    assert num_params(args) == 4_327_680
