@@ -15,7 +15,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from titan.cluster.rundir import check_resume, write_provenance
+from titan.cluster.rundir import ResumeRefused, check_resume, write_provenance
 from titan.config import resolvers
 from titan.config.build import ConfigError, build_run_config
 from titan.config.validate import nproc_per_node, validate, validate_data
@@ -27,6 +27,14 @@ log = logging.getLogger("titan")
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return launch(cfg)
+    except (ConfigError, ResumeRefused) as e:  # the user's to fix: the message, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def launch(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_cfg = build_run_config(cfg)
     run_dir = Path(hydra_cfg.runtime.output_dir)

@@ -23,6 +23,7 @@ log = logging.getLogger("titan")
 # is watched or how it is laid out on the hardware, not what it computes (layout changes agree within
 # the parallel-layout tolerance).
 RESUMABLE_CHANGES = (
+    "hydra.",
     "run.",
     "metrics.",
     "checkpoint.interval",
@@ -128,10 +129,20 @@ def _env_report() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    """Other ranks may read config.yaml while rank 0 writes it (under torchrun)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_provenance(run_dir: Path, config: dict, overrides: list[str], argv: list[str]) -> None:
     """config.yaml (resolved), overrides.yaml, git.txt, env.txt, cmd.txt. Rank 0 / the launcher only."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    # With its own hydra.run.dir, config.yaml is a primary config that launch.py can start again:
+    # `python launch.py --config-dir <run dir> --config-name config` (add run.name=... for a new dir).
+    saved = {**config, "hydra": {"run": {"dir": "${run.root}/${run.group}/${run.name}"}}}
+    _write_atomically(run_dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
     (run_dir / "overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
     (run_dir / "git.txt").write_text(_git_state())
     (run_dir / "env.txt").write_text(_env_report())
@@ -154,6 +165,6 @@ def setup_rank_logging(run_dir: Path, rank: int) -> None:
     file_handler.setFormatter(fmt)
     logger.addHandler(file_handler)
     if rank == 0:
-        console = logging.StreamHandler(sys.stdout)
+        console = logging.StreamHandler(sys.stderr)
         console.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(console)

@@ -13,7 +13,13 @@ def run_group() -> str:
     return choices.get("experiment") or choices.get("model") or "default"
 
 
+def sweep_name() -> str:
+    """A named sweep's name (`+sweeps=lr_scan`), else the run group."""
+    return HydraConfig.get().runtime.choices.get("sweeps") or run_group()
+
+
 def register() -> None:
     OmegaConf.register_new_resolver("titan_asset", lambda rel: str(asset_path(rel)), replace=True)
     OmegaConf.register_new_resolver("titan_run_name", run_name_from_overrides, replace=True)
     OmegaConf.register_new_resolver("titan_run_group", run_group, replace=True)
+    OmegaConf.register_new_resolver("titan_sweep_name", sweep_name, replace=True)

@@ -50,19 +50,21 @@ class ParallelDims:
     def ddp_enabled(self) -> bool:
         return self.dp_replicate > 1
 
-    def build_mesh(self, device_type: str) -> DeviceMesh:
-        """One mesh with named dims; `dp` is the flattened batch dimension."""
-        mesh = init_device_mesh(
+    def build_meshes(self, device_type: str) -> dict[str, DeviceMesh]:
+        """One world mesh with named dims, and the sub-meshes each parallelism works on.
+
+        `dp` is the flattened batch dimension (dp_replicate x dp_shard); `fsdp` is the mesh FSDP
+        shards over (2-D for HSDP).
+        """
+        world = init_device_mesh(
             device_type, (self.dp_replicate, self.dp_shard), mesh_dim_names=("dp_replicate", "dp_shard")
         )
-        mesh[("dp_replicate", "dp_shard")]._flatten("dp")
-        return mesh
-
-    def dp_coordinates(self, mesh: DeviceMesh | None) -> tuple[int, int]:
-        """(dp_rank, dp_degree) of this process."""
-        if mesh is None:
-            return 0, 1
-        return mesh["dp"].get_local_rank(), self.dp
+        return {
+            "world": world,
+            "dp": world[("dp_replicate", "dp_shard")]._flatten("dp"),
+            "dp_replicate": world["dp_replicate"],
+            "fsdp": world[("dp_replicate", "dp_shard")] if self.dp_replicate > 1 else world["dp_shard"],
+        }
 
 
 def device_for(kind: str) -> torch.device:

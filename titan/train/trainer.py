@@ -63,12 +63,12 @@ class Trainer:
         set_determinism(cfg.training.seed, cfg.training.deterministic)
 
         self.dims = ParallelDims.resolve(cfg.parallelism, dist.get_world_size())
-        self.mesh = self.dims.build_mesh(self.device.type)
-        self.dp_rank, self.dp_degree = self.dims.dp_coordinates(self.mesh)
+        self.meshes = self.dims.build_meshes(self.device.type)
+        self.dp_rank, self.dp_degree = self.meshes["dp"].get_local_rank(), self.dims.dp
 
         with torch.device("meta"):
             model = Transformer(cfg.model)
-        self.model = parallelize_llama(model, self.dims, self.mesh, cfg.training, cfg.parallelism)
+        self.model = parallelize_llama(model, self.dims, self.meshes, cfg.training, cfg.parallelism)
         self.model.to_empty(device=self.device)
         init_weights(self.model, cfg.model, seed=cfg.training.seed, device=self.device)
         self.model.train()

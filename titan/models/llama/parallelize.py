@@ -13,7 +13,7 @@ from titan.parallel.mesh import ParallelDims
 def parallelize_llama(
     model: Transformer,
     dims: ParallelDims,
-    mesh: DeviceMesh | None,
+    meshes: dict[str, DeviceMesh],
     training: TrainingConfig,
     parallelism: ParallelismConfig,
 ) -> Transformer:
@@ -21,16 +21,15 @@ def parallelize_llama(
     if training.compile:
         compile_blocks(model.layers, training.compile_backend)
     if dims.fsdp_enabled:
-        fsdp_mesh = mesh[("dp_replicate", "dp_shard")] if dims.ddp_enabled else mesh["dp_shard"]
         apply_fsdp(
             model,
             list(model.layers.values()),
-            fsdp_mesh,
+            meshes["fsdp"],
             param_dtype=training.param_dtype,
             reduce_dtype=training.reduce_dtype,
             reshard_after_forward=parallelism.reshard_after_forward,
             cpu_offload=parallelism.cpu_offload,
         )
     elif dims.ddp_enabled:
-        apply_ddp(model, mesh["dp_replicate"])
+        apply_ddp(model, meshes["dp_replicate"])
     return model

@@ -1,0 +1,118 @@
+"""launch.py as users run it: a subprocess per command, on the bundled data."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+# A small, fast model and run: everything else is the `make train` default (FSDP over 2 ranks).
+SMALL = ["model.n_layers=2", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=128"]
+SMALL += ["training.seq_len=32", "metrics.log_freq=2", "checkpoint.interval=2", "optimizer.warmup_steps=1"]
+
+
+def launch(*args: str, root: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "launch.py", f"run.root={root}", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"launch.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_help_lists_the_config_groups(tmp_path):
+    out = launch("--help", root=tmp_path).stdout
+    for group in ("model:", "parallelism:", "optimizer:", "data:", "checkpoint:", "cluster:"):
+        assert group in out
+    assert "llama3_8b" in out and "c4_test" in out
+
+
+def test_cfg_job_prints_the_composed_config(tmp_path):
+    out = launch("--cfg", "job", "model=llama3_8b", root=tmp_path).stdout
+    cfg = yaml.safe_load(out)
+    assert cfg["model"]["dim"] == 4096 and cfg["model"]["n_layers"] == 32
+
+
+@pytest.mark.slow
+def test_train_resume_and_reproduce(tmp_path):
+    first = launch("training.steps=4", *SMALL, root=tmp_path)
+    run_dir = tmp_path / "llama3_debug"
+    (run_dir,) = [d for d in run_dir.iterdir()]  # one deterministic directory
+    assert "step" in first.stderr and "loss" in first.stderr
+    for name in ("config.yaml", "overrides.yaml", ".hydra", "git.txt", "env.txt", "cmd.txt", "tb"):
+        assert (run_dir / name).exists(), name
+    assert (run_dir / "logs" / "rank0.log").exists() and (run_dir / "logs" / "rank1.log").exists()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    assert [m["step"] for m in metrics(run_dir)] == [1, 2, 4]
+
+    # The same command with more steps finds the same directory and continues from step 4.
+    again = launch("training.steps=6", *SMALL, root=tmp_path)
+    assert "resuming from step 4" in again.stderr
+    assert [m["step"] for m in metrics(run_dir)] == [1, 2, 4, 6]
+    assert len(list((tmp_path / "llama3_debug").iterdir())) == 1
+
+    # A change to what the run computes is refused, with the difference.
+    refused = launch(
+        "training.steps=6", *SMALL, f"run.name={run_dir.name}", "optimizer.lr=1e-2", root=tmp_path, check=False
+    )
+    assert refused.returncode == 2
+    assert "optimizer.lr: 0.0003 -> 0.01" in refused.stderr
+
+    # The saved config is a primary config: launching it into a new name reproduces the run.
+    repro = subprocess.run(
+        [sys.executable, "launch.py", "--config-dir", str(run_dir), "--config-name", "config", "run.name=repro"],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert repro.returncode == 0, repro.stderr
+    original, reproduced = metrics(run_dir), metrics(tmp_path / "llama3_debug" / "repro")
+    assert [m["step"] for m in reproduced] == [1, 2, 4, 6]
+    assert [m["loss"] for m in reproduced] == pytest.approx([m["loss"] for m in original], rel=1e-6)
+
+
+def test_bad_config_fails_before_training_with_the_fix(tmp_path):
+    proc = launch("training.global_batch_size=10", root=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert "training.global_batch_size=10 is not divisible by dp=2 x training.micro_batch_size=2; use 8 or 12" in (
+        proc.stderr
+    )
+    assert not (tmp_path / "llama3_debug").exists()  # nothing was created
+
+
+def test_missing_data_file_is_named(tmp_path):
+    proc = launch("data=jsonl", f"data.path={tmp_path}/nope.jsonl", root=tmp_path, check=False)
+    assert proc.returncode == 2 and "nope.jsonl" in proc.stderr
+
+
+@pytest.mark.slow
+def test_multirun_sweep_with_the_basic_launcher(tmp_path):
+    launch(
+        "-m",
+        "optimizer.lr=1e-3,2e-3",
+        "training.steps=2",
+        "parallelism=single",
+        "cluster.nproc_per_node=1",
+        *SMALL,
+        root=tmp_path,
+    )
+    points = sorted(p.name for p in (tmp_path / "sweeps" / "llama3_debug").iterdir() if p.is_dir())
+    assert len(points) == 2 and all("optimizer.lr=" in p for p in points)
+    for p in points:
+        assert len(metrics(tmp_path / "sweeps" / "llama3_debug" / p)) == 2

@@ -1,0 +1,64 @@
+"""Small run configurations and readers shared by the end-to-end and multi-rank tests."""
+
+import json
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from titan.assets import asset_path
+from titan.config.schema import (
+    CheckpointConfig,
+    DataConfig,
+    MetricsConfig,
+    ModelArgs,
+    OptimizerConfig,
+    ParallelismConfig,
+    RunConfig,
+    RunSettings,
+    TrainingConfig,
+)
+
+TINY_MODEL = ModelArgs(
+    dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=2304, ffn_dim=128, rope_scaling_factor=8.0, max_seq_len=256
+)
+C4_TEST = DataConfig(
+    source="jsonl",
+    path=str(asset_path("c4_test/c4-train.00000-of-00001.json")),
+    tokenizer=str(asset_path("tokenizers/titan_debug.tiktoken")),
+)
+
+
+def tiny_config(run_dir: Path, *, steps: int = 3, **groups) -> RunConfig:
+    """SGD, fp32 everywhere, deterministic: the setting where layouts must agree to rounding."""
+    cfg = RunConfig(
+        model=TINY_MODEL,
+        training=TrainingConfig(
+            steps=steps,
+            seq_len=32,
+            global_batch_size=8,
+            micro_batch_size=2,
+            deterministic=True,
+            param_dtype="float32",
+            reduce_dtype="float32",
+            max_norm=1.0,
+        ),
+        parallelism=ParallelismConfig(dp_shard=-1),
+        optimizer=OptimizerConfig(name="sgd", lr=0.5, weight_decay=0.0, schedule="constant"),
+        data=C4_TEST,
+        checkpoint=CheckpointConfig(enable=True, interval=1000),
+        metrics=MetricsConfig(log_freq=1, tensorboard=False, progress="lines"),
+        run=RunSettings(name="test", group="tiny", dir=str(run_dir)),
+    )
+    return cfg.replace(**groups) if groups else cfg
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def read_model(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    """The model weights of a DCP checkpoint, as one plain state dict."""
+    out = Path(run_dir) / f"model-{step}.pt"
+    dcp_to_torch_save(Path(run_dir) / "checkpoints" / f"step-{step}", out)
+    return torch.load(out, weights_only=True)["model"]
