@@ -1,0 +1,187 @@
+"""Tokenizers: round trips, Meta's special-token ids, the Llama 3 split, format detection, errors."""
+
+import base64
+import itertools
+import random
+import shutil
+
+import pytest
+
+from titan.assets import asset_path
+from titan.data.tokenizer import (
+    LLAMA3_SPECIAL_TOKENS,
+    SentencePieceTokenizer,
+    TiktokenTokenizer,
+    build_tokenizer,
+    split_long_runs,
+)
+
+TIKTOKEN = asset_path("tokenizers/titan_debug.tiktoken")
+SENTENCEPIECE = asset_path("tokenizers/titan_debug_sp.model")
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Ünïcödé: naïve café, Straße, 日本語のテキスト, Ελληνικά, emoji 🙂🚀 and a\ttab.",
+    "Lines\nand\r\nmore lines\n\n  indented   spaces  ",
+    "digits 1234567890 and 3.14159, code: def f(x): return x ** 2",
+    "<|begin_of_text|> is plain text inside a document <|eot_id|>",
+]
+
+
+def write_ranks(path, tokens):
+    path.write_bytes(b"".join(base64.b64encode(t) + b" %d\n" % r for r, t in enumerate(tokens)))
+    return path
+
+
+@pytest.mark.parametrize("path", [TIKTOKEN, SENTENCEPIECE], ids=["tiktoken", "sentencepiece"])
+def test_round_trip(path):
+    tok = build_tokenizer(path)
+    for text in TEXTS:
+        ids = tok.encode(text, bos=False, eos=False)
+        assert all(0 <= i < tok.vocab_size for i in ids)
+        assert tok.decode(ids) == text
+        assert len(ids) < len(text.encode())  # it merges, not just bytes
+
+
+@pytest.mark.parametrize("path", [TIKTOKEN, SENTENCEPIECE], ids=["tiktoken", "sentencepiece"])
+def test_bos_eos_flags(path):
+    tok = build_tokenizer(path)
+    plain = tok.encode("Hello world", bos=False, eos=False)
+    assert tok.encode("Hello world", bos=True, eos=False) == [tok.bos_id, *plain]
+    assert tok.encode("Hello world", bos=False, eos=True) == [*plain, tok.eos_id]
+    assert tok.encode("", bos=True, eos=True) == [tok.bos_id, tok.eos_id]
+    assert tok.bos_id not in plain and tok.eos_id not in plain
+
+
+def test_bundled_vocab_sizes():
+    tik = build_tokenizer(TIKTOKEN)
+    assert isinstance(tik, TiktokenTokenizer)
+    assert (tik.num_base_tokens, tik.vocab_size, tik.bos_id, tik.eos_id, tik.eot_id) == (
+        2048,
+        2304,
+        2048,
+        2049,
+        2057,
+    )
+    sp = build_tokenizer(SENTENCEPIECE)
+    assert isinstance(sp, SentencePieceTokenizer)
+    assert (sp.vocab_size, sp.bos_id, sp.eos_id) == (2048, 1, 2)
+
+
+def test_special_text_is_not_a_special_token():
+    tok = build_tokenizer(TIKTOKEN)
+    ids = tok.encode("<|begin_of_text|><|eot_id|>", bos=False, eos=False)
+    assert not set(ids) & set(tok.special_tokens.values())
+
+
+def test_meta_special_token_ids(tmp_path):
+    # 128000 base tokens like Meta's tokenizer.model: the 256 bytes, all byte pairs, then triples.
+    pairs = (bytes(p) for p in itertools.product(range(256), repeat=2))
+    triples = (bytes(t) for t in itertools.product(range(256), repeat=3))
+    tokens = [bytes([b]) for b in range(256)] + list(
+        itertools.islice(itertools.chain(pairs, triples), 128000 - 256)
+    )
+    assert len(set(tokens)) == 128000
+    tok = TiktokenTokenizer(write_ranks(tmp_path / "tokenizer.model", tokens))
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.eot_id) == (128256, 128000, 128001, 128009)
+    expected = {
+        "<|reserved_special_token_0|>": 128002,
+        "<|reserved_special_token_1|>": 128003,
+        "<|finetune_right_pad_id|>": 128004,
+        "<|reserved_special_token_2|>": 128005,
+        "<|start_header_id|>": 128006,
+        "<|end_header_id|>": 128007,
+        "<|eom_id|>": 128008,
+        "<|python_tag|>": 128010,
+        "<|reserved_special_token_3|>": 128011,
+        "<|reserved_special_token_247|>": 128255,
+    }
+    assert {name: tok.special_tokens[name] for name in expected} == expected
+    assert len(set(LLAMA3_SPECIAL_TOKENS)) == 256
+    ids = tok.encode("abc xyz", bos=True, eos=True)
+    assert ids[0] == 128000 and ids[-1] == 128001 and max(ids[1:-1]) < 128000
+    assert tok.decode([128009]) == "<|eot_id|>"
+    assert tok.decode(ids[1:-1]) == "abc xyz"
+
+
+def test_llama3_split_pattern(tmp_path):
+    # Tokens that only a missing pre-tokenizer split would produce: 4 digits, a word glued to the next.
+    extra = [b"12", b"123", b"1234", b"ab", b"ab c", b"ab cd", b" c", b" cd"]
+    tok = TiktokenTokenizer(write_ranks(tmp_path / "t.model", [bytes([b]) for b in range(256)] + extra))
+    pieces = lambda text: [tok.decode([i]) for i in tok.encode(text, bos=False, eos=False)]  # noqa: E731
+    assert pieces("1234") == ["123", "4"]  # digits go in groups of at most three
+    assert pieces("ab cd") == ["ab", " cd"]  # a space starts the next word
+
+
+def meta_split(s, max_len):
+    """Meta's `_split_whitespaces_or_nonwhitespaces`, verbatim, as the reference."""
+    current_slice_len = 0
+    current_slice_is_space = s[0].isspace() if len(s) > 0 else False
+    slice_start = 0
+    for i in range(len(s)):
+        is_now_space = s[i].isspace()
+        if current_slice_is_space ^ is_now_space:
+            current_slice_len = 1
+            current_slice_is_space = is_now_space
+        else:
+            current_slice_len += 1
+            if current_slice_len > max_len:
+                yield s[slice_start:i]
+                slice_start = i
+                current_slice_len = 1
+    yield s[slice_start:]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "a", "abcdefghij", "ab cd", "x" * 23 + " " * 9 + "y" * 5, " \u3000\n" * 7 + "zz" * 11, "a b " * 9],
+)
+def test_split_long_runs_matches_meta(text):
+    for max_len in (1, 2, 3, 5, 8, 100):
+        assert list(split_long_runs(text, max_len)) == list(meta_split(text, max_len))
+
+
+def test_split_long_runs_matches_meta_on_random_text():
+    rng = random.Random(0)
+    for _ in range(300):
+        text = "".join(rng.choice("ab \n\u3000") * rng.randint(1, 9) for _ in range(rng.randint(0, 12)))
+        max_len = rng.randint(1, 7)
+        assert list(split_long_runs(text, max_len)) == list(meta_split(text, max_len)), (text, max_len)
+
+
+def test_long_run_without_whitespace_round_trips():
+    tok = build_tokenizer(TIKTOKEN)
+    text = "x" * 60_000 + " tail " + "\n" * 30_000
+    ids = tok.encode(text, bos=False, eos=False)
+    assert tok.decode(ids) == text
+
+
+def test_format_is_told_by_content(tmp_path):
+    shutil.copy(TIKTOKEN, tmp_path / "a.model")
+    shutil.copy(SENTENCEPIECE, tmp_path / "b.tiktoken")
+    assert isinstance(build_tokenizer(tmp_path / "a.model"), TiktokenTokenizer)
+    assert isinstance(build_tokenizer(tmp_path / "b.tiktoken"), SentencePieceTokenizer)
+
+
+def test_errors_name_the_file_and_key(tmp_path):
+    missing = tmp_path / "nope.model"
+    with pytest.raises(ValueError, match=r"data\.tokenizer=.*nope\.model: no such file"):
+        build_tokenizer(missing)
+    with pytest.raises(ValueError, match=r"data\.tokenizer is not set"):
+        build_tokenizer("???")
+    with pytest.raises(ValueError, match=r"data\.tokenizer=.*no such file"):
+        build_tokenizer(tmp_path)  # a directory
+    junk = tmp_path / "junk.model"
+    junk.write_text("hello world\n")
+    with pytest.raises(ValueError, match=r"junk\.model: neither a tiktoken BPE file"):
+        build_tokenizer(junk)
+    bad_line = tmp_path / "bad.model"
+    bad_line.write_bytes(TIKTOKEN.read_bytes().replace(b"\n", b"\nnot-base64!\n", 1))
+    with pytest.raises(ValueError, match=r"bad\.model: line 2 is not `base64\(token_bytes\) rank`"):
+        build_tokenizer(bad_line)
+    gap = write_ranks(tmp_path / "gap.model", [bytes([b]) for b in range(200)])
+    with pytest.raises(ValueError, match=r"gap\.model: not a byte-level BPE"):
+        build_tokenizer(gap)
+    broken_sp = tmp_path / "broken_sp.model"
+    broken_sp.write_bytes(SENTENCEPIECE.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"broken_sp\.model: not a sentencepiece model"):
+        build_tokenizer(broken_sp)

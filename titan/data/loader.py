@@ -1,0 +1,290 @@
+"""The training loader: packed windows in a global order that no parallel layout changes.
+
+A global batch of B sequences is read as B logical streams (see text.py); row j of every global
+batch comes from stream j, and dp rank r owns the contiguous block of streams [r*B/dp, (r+1)*B/dp).
+So one rank's batch is the concatenation of two ranks' batches, step after step, and the loader's
+state is the state of each of its streams: a checkpoint written at one dp degree (and number of
+workers) resumes at any other that divides B.
+
+With `data.num_workers` > 0, worker w of a rank owns the w-th contiguous block of that rank's
+streams and yields, per step, its block's rows together with those streams' states after making
+them. torch's DataLoader hands out worker items round-robin, so W consecutive items make one step;
+the loader keeps the states of the items it has handed to the caller, never of items still
+prefetched. torchdata's StatefulDataLoader is not used: its state is per worker (each worker's
+dataset state plus which worker is next), so it can only be restored with the same number of
+workers and ranks; ours is per logical stream and can be dealt out again to any layout.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from titan.config.schema import DataConfig
+from titan.data.text import (
+    SOURCES,
+    Documents,
+    HubDocuments,
+    LocalDocuments,
+    LocalFiles,
+    PackedStream,
+    StreamState,
+    decode_line,
+    json_text,
+    open_parquet,
+    parquet_column,
+    resolve_files,
+)
+from titan.data.tokenizer import Tokenizer, build_tokenizer
+
+PREFETCH_STEPS = 2  # items each worker keeps ready
+
+
+def stream_key(stream: int) -> str:
+    return f"stream-{stream:05d}"
+
+
+def _check_source(data: DataConfig) -> None:
+    if data.source not in SOURCES:
+        raise ValueError(f"data.source={data.source!r} is not one of {', '.join(SOURCES)}")
+
+
+def _check_first_record(data: DataConfig, file: Path) -> None:
+    """The file is non-empty and its first record (first non-blank line, first row) has text."""
+    if file.stat().st_size == 0:
+        raise ValueError(f"{file} is empty; remove it from data.path")
+    with open(file, "rb") as f:
+        magic = f.read(4)
+    if magic[:2] == b"\x1f\x8b" or magic == b"\x28\xb5\x2f\xfd":
+        raise ValueError(
+            f"{file} is compressed (gzip or zstd); data.path must hold plain files: decompress it"
+        )
+    if data.source == "parquet":
+        handle = open_parquet(file)
+        if handle.metadata.num_rows == 0:
+            raise ValueError(f"{file} has no rows; remove it from data.path")
+        first = next(
+            g for g in range(handle.metadata.num_row_groups) if handle.metadata.row_group(g).num_rows
+        )
+        if not isinstance(parquet_column(handle, file, data.text_field, first)[0], str):
+            raise ValueError(f"{file}, row 1: column {data.text_field!r} is null; set data.text_field")
+        return
+    with open(file, "rb") as f:
+        for number, raw in enumerate(f):
+            line = decode_line(raw.rstrip(b"\r\n"), file, number).removeprefix("\ufeff")
+            if line.strip():
+                if data.source == "jsonl":
+                    json_text(line, file, number, data.text_field)
+                return
+    raise ValueError(f"{file} holds only blank lines; remove it from data.path")
+
+
+def check_data(data: DataConfig) -> None:
+    """Cheap pre-flight: the tokenizer loads, local files exist, and each one's first record has text.
+
+    Raises ValueError naming the file (and line) and the key to fix. The huggingface source is not
+    contacted (no network here); its records are checked as they stream.
+    """
+    _check_source(data)
+    build_tokenizer(data.tokenizer)
+    _check_files(data)
+
+
+def _check_files(data: DataConfig) -> list[Path]:
+    """The local files of data.path, each checked by its first record; [] for the huggingface source."""
+    if data.source == "huggingface":
+        if data.path in ("", "???"):
+            raise ValueError("data.path is not set: give a Hugging Face dataset name (e.g. allenai/c4)")
+        return []
+    files = resolve_files(data)
+    for file in files:
+        _check_first_record(data, file)
+    return files
+
+
+class _RankStreams(IterableDataset):
+    """One rank's streams; in a DataLoader worker, that worker's contiguous block of them.
+
+    Yields one item per step: (windows int64 [streams, seq_len + 1], {stream key: state after it}).
+    """
+
+    def __init__(
+        self,
+        data: DataConfig,
+        window: int,
+        streams: list[int],
+        num_streams: int,
+        states: dict[str, dict],
+        files: LocalFiles | None,
+        tokenizer: Tokenizer | None,
+    ):
+        self.data, self.window, self.streams, self.num_streams = data, window, streams, num_streams
+        self.states, self.files, self.tokenizer = states, files, tokenizer
+
+    def __getstate__(self) -> dict:  # for workers started by `spawn`: they load their own tokenizer
+        return {**self.__dict__, "tokenizer": None}
+
+    def _documents(self, files: LocalFiles | None, stream: int) -> Documents:
+        if files is None:
+            return HubDocuments(self.data, stream, self.num_streams)
+        return LocalDocuments(files, stream, self.num_streams)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, dict[str, dict]]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        per_worker = len(self.streams) // num_workers
+        block = self.streams[worker * per_worker : (worker + 1) * per_worker]
+        # A forked worker keeps the rank's tokenizer; a spawned one is sent none and loads its own.
+        tokenizer = self.tokenizer or build_tokenizer(self.data.tokenizer)
+        # A worker opens its own files: copy.copy goes through LocalFiles.__getstate__, which leaves
+        # out the parent's open handles and caches (pyarrow's readers are not to be shared by fork).
+        files = copy.copy(self.files) if info is not None else self.files
+        packed = [
+            PackedStream(
+                self._documents(files, j),
+                tokenizer,
+                self.window,
+                StreamState.from_dict(self.states[stream_key(j)]),
+            )
+            for j in block
+        ]
+        while True:
+            rows = [stream.next_window() for stream in packed]
+            states = {stream_key(j): stream.state().to_dict() for j, stream in zip(block, packed)}
+            yield torch.from_numpy(np.array(rows, dtype=np.int64)), states
+
+
+def _as_is(item: Any) -> Any:
+    """The DataLoader's default would walk the states' token lists one int at a time."""
+    return item
+
+
+class TrainLoader:
+    """Packed (inputs, labels) batches for one data-parallel rank, endless, checkpointable."""
+
+    def __init__(
+        self, data: DataConfig, *, seq_len: int, global_batch_size: int, dp_rank: int, dp_degree: int
+    ):
+        if seq_len < 1 or global_batch_size < 1:
+            raise ValueError(
+                f"training.seq_len={seq_len} and training.global_batch_size={global_batch_size} must be >= 1"
+            )
+        if dp_degree < 1 or global_batch_size % dp_degree:
+            raise ValueError(
+                f"training.global_batch_size={global_batch_size} does not divide by the data-parallel degree "
+                f"{dp_degree}; make it a multiple"
+            )
+        if not 0 <= dp_rank < dp_degree:
+            raise ValueError(f"dp_rank={dp_rank} is outside 0..{dp_degree - 1}")
+        per_rank = global_batch_size // dp_degree
+        if data.num_workers < 0 or (data.num_workers and per_rank % data.num_workers):
+            raise ValueError(
+                f"data.num_workers={data.num_workers} must divide the {per_rank} sequences per rank "
+                f"(training.global_batch_size={global_batch_size} over {dp_degree} data-parallel ranks): "
+                "each worker owns an equal share of the sequence slots"
+            )
+        _check_source(data)
+        self.data, self.seq_len, self.global_batch_size = data, seq_len, global_batch_size
+        self.streams = list(range(dp_rank * per_rank, (dp_rank + 1) * per_rank))
+        self.tokenizer = build_tokenizer(data.tokenizer)
+        files = _check_files(data)
+        self.files = None
+        if data.source != "huggingface":
+            self.files = LocalFiles(data, files, cache_size=per_rank + 2)
+            self._check_enough_documents()
+        self._states = {stream_key(j): StreamState(global_batch_size).to_dict() for j in self.streams}
+        self._workers: Any = None  # the live DataLoader iterator, when there are workers
+
+    def _check_enough_documents(self) -> None:
+        """Every stream must get documents. With at least one file per stream that is down to the
+        files (an empty one is caught by check_data); with fewer files, count the records."""
+        files = self.files.files
+        if len(files) >= self.global_batch_size:
+            return
+        records = sum(self.files.count(f) for f in range(len(files)))
+        if records < self.global_batch_size:
+            raise ValueError(
+                f"data.path={self.data.path} has {records} documents but training.global_batch_size="
+                f"{self.global_batch_size} needs at least one per sequence slot; add data or lower "
+                "training.global_batch_size"
+            )
+
+    @property
+    def skipped_documents(self) -> int:
+        """Empty or whitespace-only documents this rank's streams have passed over (as consumed)."""
+        return sum(state["skipped"] for state in self._states.values())
+
+    def state_dict(self) -> dict[str, dict]:
+        """The state of this rank's streams after the items handed out so far; JSON-serialisable."""
+        return copy.deepcopy(self._states)
+
+    def load_state_dict(self, state: dict[str, dict]) -> None:
+        """Take up the streams' states; `state` may hold other ranks' streams too (all are merged)."""
+        missing = [key for key in self._states if key not in state]
+        if missing:
+            raise ValueError(
+                f"the data-loader state has no {missing[0]} (and {len(missing) - 1} more streams of this "
+                "rank): was it saved with another training.global_batch_size?"
+            )
+        for key in self._states:
+            if state[key].get("num_streams") != self.global_batch_size:
+                raise ValueError(
+                    f"the data-loader state was saved with training.global_batch_size="
+                    f"{state[key].get('num_streams')}, not {self.global_batch_size}: the documents of each "
+                    "sequence slot would differ; resume with the same global batch size"
+                )
+        try:
+            states = {key: StreamState.from_dict(state[key]).to_dict() for key in self._states}
+        except TypeError as e:
+            raise ValueError(f"the data-loader state is not a stream state ({e})") from None
+        self.close()
+        self._states = copy.deepcopy(states)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One item per optimizer step: (inputs, labels), each int64 [global_batch_size // dp_degree,
+        seq_len]; endless (epochs). A new iteration goes on from the last item handed out."""
+        self.close()
+        dataset = _RankStreams(
+            self.data,
+            self.seq_len + 1,
+            self.streams,
+            self.global_batch_size,
+            self.state_dict(),
+            self.files,
+            self.tokenizer,
+        )
+        num_workers = self.data.num_workers
+        if num_workers == 0:
+            items = iter(dataset)
+        else:
+            self._workers = items = iter(
+                DataLoader(
+                    dataset,
+                    batch_size=None,
+                    collate_fn=_as_is,
+                    num_workers=num_workers,
+                    prefetch_factor=PREFETCH_STEPS,
+                )
+            )
+        return self._batches(items, max(num_workers, 1))
+
+    def _batches(self, items: Iterator, parts: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            step = [next(items) for _ in range(parts)]
+            windows = torch.cat([rows for rows, _ in step]) if parts > 1 else step[0][0]
+            for _, states in step:
+                self._states.update(states)
+            yield windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
+    def close(self) -> None:
+        """Stop the worker processes, if any (iterating again restarts them from the state)."""
+        workers, self._workers = self._workers, None
+        shutdown = getattr(workers, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()

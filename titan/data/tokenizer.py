@@ -1,0 +1,227 @@
+"""Tokenizers: Meta's Llama 3 tiktoken BPE and sentencepiece, behind one small interface.
+
+`build_tokenizer(path)` looks at the file's content (a sentencepiece model is a protobuf, a tiktoken
+file is lines of `base64(token_bytes) rank`), so `data.tokenizer` needs no separate format key.
+Nothing here touches the network: tiktoken's own loaders may download or cache files, so the
+ranks file is parsed here.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from functools import lru_cache
+from pathlib import Path
+
+# The pre-tokenizer split of Meta's Llama 3 `tokenizer.py` (the same one as in Hugging Face's
+# tokenizer.json for Llama 3): contractions, letters, 1-3 digit groups, punctuation, newlines, spaces.
+LLAMA3_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+    r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+NUM_RESERVED_SPECIAL_TOKENS = 256
+# Meta's order (llama-models, Llama 3.1+): with 128000 base tokens, BOS=128000, EOS=128001, eot=128009.
+_NAMED_SPECIAL_TOKENS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|reserved_special_token_2|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",  # end of message
+    "<|eot_id|>",  # end of turn
+    "<|python_tag|>",
+]
+LLAMA3_SPECIAL_TOKENS = _NAMED_SPECIAL_TOKENS + [
+    f"<|reserved_special_token_{3 + i}|>"
+    for i in range(NUM_RESERVED_SPECIAL_TOKENS - len(_NAMED_SPECIAL_TOKENS))
+]
+# Meta's limits: tiktoken's BPE is slow (quadratic) on very long runs without a split point.
+TIKTOKEN_MAX_ENCODE_CHARS = 400_000
+MAX_NO_WHITESPACES_CHARS = 25_000
+
+
+class Tokenizer(ABC):
+    """What the data pipeline and generation need from a tokenizer."""
+
+    @abstractmethod
+    def encode(self, text: str, *, bos: bool, eos: bool) -> list[int]: ...
+
+    @abstractmethod
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def bos_id(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def eos_id(self) -> int: ...
+
+
+def _bad_file(path: str | Path, why: str) -> ValueError:
+    return ValueError(f"data.tokenizer={path}: {why}")
+
+
+def load_tiktoken_ranks(path: str | Path) -> dict[bytes, int]:
+    """Parse a tiktoken BPE file (Meta's `tokenizer.model`): one `base64(token_bytes) rank` per line."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise _bad_file(path, f"cannot read the tokenizer file ({e.strerror or e})") from e
+    ranks: dict[bytes, int] = {}
+    for number, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        try:
+            if len(parts) != 2:
+                raise ValueError(f"{len(parts)} fields")
+            token, rank = base64.b64decode(parts[0], validate=True), int(parts[1])
+        except (ValueError, binascii.Error) as e:
+            raise _bad_file(path, f"line {number} is not `base64(token_bytes) rank`") from e
+        if token in ranks:
+            raise _bad_file(path, f"line {number} repeats a token already ranked {ranks[token]}")
+        ranks[token] = rank
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise _bad_file(path, "the ranks are not 0..n-1 without gaps, as a tiktoken BPE file's are")
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise _bad_file(path, f"not a byte-level BPE: {len(missing)} of the 256 single bytes have no rank")
+    return ranks
+
+
+@lru_cache(maxsize=4)
+def _long_runs(max_run: int) -> re.Pattern:
+    # Only runs longer than max_run; the lookbehinds let a match start at a run's first character
+    # only, so the scan stays linear however long the runs are.
+    return re.compile(rf"(?<!\S)\S{{{max_run + 1},}}|(?<!\s)\s{{{max_run + 1},}}")
+
+
+def split_long_runs(text: str, max_run: int = MAX_NO_WHITESPACES_CHARS) -> Iterator[str]:
+    """Meta's `_split_whitespaces_or_nonwhitespaces`: cut `text` so that no piece holds more than
+    `max_run` consecutive whitespace or non-whitespace characters. The same cuts, found by regex
+    rather than a Python loop per character; almost every document comes back whole, untouched."""
+    if len(text) <= max_run:
+        yield text
+        return
+    start = 0
+    for run in _long_runs(max_run).finditer(text):
+        for cut in range(run.start() + max_run, run.end(), max_run):
+            yield text[start:cut]
+            start = cut
+    yield text[start:]
+
+
+class TiktokenTokenizer(Tokenizer):
+    """Meta's Llama 3 tokenizer: a tiktoken BPE file plus 256 special tokens after its base ranks."""
+
+    def __init__(self, path: str | Path):
+        import tiktoken
+
+        ranks = load_tiktoken_ranks(path)
+        self.num_base_tokens = len(ranks)
+        self.special_tokens = {
+            token: self.num_base_tokens + i for i, token in enumerate(LLAMA3_SPECIAL_TOKENS)
+        }
+        self.model = tiktoken.Encoding(
+            name=Path(path).name,
+            pat_str=LLAMA3_SPLIT_PATTERN,
+            mergeable_ranks=ranks,
+            special_tokens=self.special_tokens,
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return self.num_base_tokens + len(self.special_tokens)
+
+    @property
+    def bos_id(self) -> int:
+        return self.special_tokens["<|begin_of_text|>"]
+
+    @property
+    def eos_id(self) -> int:
+        return self.special_tokens["<|end_of_text|>"]
+
+    @property
+    def eot_id(self) -> int:
+        return self.special_tokens["<|eot_id|>"]
+
+    def encode(self, text: str, *, bos: bool, eos: bool) -> list[int]:
+        # Training text is never parsed for special tokens (Meta: allowed_special=set(),
+        # disallowed_special=()): "<|eot_id|>" inside a document is ordinary text.
+        ids = [self.bos_id] if bos else []
+        for i in range(0, len(text), TIKTOKEN_MAX_ENCODE_CHARS):
+            for piece in split_long_runs(text[i : i + TIKTOKEN_MAX_ENCODE_CHARS]):
+                ids.extend(self.model.encode_ordinary(piece))
+        if eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.model.decode(list(ids))
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A sentencepiece model (Llama 2 style); BOS and EOS are the model's own pieces."""
+
+    def __init__(self, path: str | Path):
+        import sentencepiece
+
+        try:
+            self.model = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        except (OSError, RuntimeError) as e:
+            raise _bad_file(path, f"not a sentencepiece model ({e})") from e
+        if self.model.bos_id() < 0 or self.model.eos_id() < 0:
+            raise _bad_file(path, "the sentencepiece model has no BOS or no EOS piece")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_piece_size()
+
+    @property
+    def bos_id(self) -> int:
+        return self.model.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self.model.eos_id()
+
+    def encode(self, text: str, *, bos: bool, eos: bool) -> list[int]:
+        return self.model.encode(text, add_bos=bos, add_eos=eos)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.model.decode(list(ids))
+
+
+_TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+=* \d+\r?\n?")
+
+
+def build_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer in `path`, its format told by the content."""
+    if str(path) in ("", "???"):
+        raise ValueError("data.tokenizer is not set: give the path of a tiktoken or sentencepiece model")
+    file = Path(path)
+    if not file.is_file():
+        raise _bad_file(path, "no such file (set data.tokenizer to a tiktoken or sentencepiece model)")
+    try:
+        with open(file, "rb") as f:
+            first_line = f.readline(4096)
+    except OSError as e:
+        raise _bad_file(path, f"cannot read the tokenizer file ({e.strerror or e})") from e
+    if _TIKTOKEN_LINE.fullmatch(first_line):
+        return TiktokenTokenizer(file)
+    if first_line[:1] == b"\n":  # protobuf field 1 (`pieces`), length-delimited: a sentencepiece ModelProto
+        return SentencePieceTokenizer(file)
+    raise _bad_file(
+        path, "neither a tiktoken BPE file (lines of `base64 rank`) nor a sentencepiece model (protobuf)"
+    )
