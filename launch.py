@@ -4,9 +4,11 @@
     torchrun --nproc_per_node 8 launch.py model=llama3_8b
 """
 
+import contextlib
 import dataclasses
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,18 +20,26 @@ from omegaconf import DictConfig, OmegaConf
 from titan.cluster.rundir import ResumeRefused, check_resume, write_provenance
 from titan.config import resolvers
 from titan.config.build import ConfigError, build_run_config
+from titan.config.sweeps import register_sweeps
 from titan.config.validate import nproc_per_node, validate, validate_data
 
 resolvers.register()
+register_sweeps(Path(__file__).parent / "sweeps")
 log = logging.getLogger("titan")
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    created_by_hydra = {p.name for p in run_dir.iterdir()} <= {".hydra"}  # Hydra makes it before main()
     try:
         return launch(cfg)
     except (ConfigError, ResumeRefused) as e:  # the user's to fix: the message, not a traceback
+        if created_by_hydra:  # a refused config leaves nothing behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                run_dir.parent.rmdir()  # the group directory, when it holds no other run
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

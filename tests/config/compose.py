@@ -4,19 +4,23 @@ import os
 
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from titan.config import resolvers
+from titan.config.sweeps import register_sweeps
 
-CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONF = os.path.join(REPO, "conf")
 resolvers.register()
+SWEEPS = register_sweeps(os.path.join(REPO, "sweeps"))
 
 
 def compose_config(overrides: list[str] = ()) -> DictConfig:
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)
-        del cfg["hydra"]
+        with open_dict(cfg):
+            del cfg["hydra"]
         return cfg
 
 

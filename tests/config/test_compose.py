@@ -3,18 +3,19 @@ import dataclasses
 import pytest
 from omegaconf import OmegaConf
 
-from tests.config.compose import compose_config, group_options
+from tests.config.compose import SWEEPS, compose_config, group_options
 from titan.config.build import ConfigError, build_run_config
 from titan.config.schema import RunConfig
 from titan.config.validate import validate
 
-GROUPS = ["model", "parallelism", "optimizer", "data", "checkpoint", "cluster"]
+GROUPS = ["model", "parallelism", "optimizer", "data", "checkpoint", "cluster", "experiment"]
 # Options whose mandatory keys (`???`) a user must give; the values here stand in for them.
 REQUIRED = {
     "data=c4": ["data.tokenizer=${titan_asset:tokenizers/titan_debug.tiktoken}"],
     "data=jsonl": ["data.path=${titan_asset:c4_test/c4-train.00000-of-00001.json}"],
     "data=parquet": ["data.path=/data/shard-*.parquet"],
     "data=text": ["data.path=/data/*.txt"],
+    "experiment=llama3_8b_c4": ["data.tokenizer=${titan_asset:tokenizers/titan_debug.tiktoken}"],
 }
 
 
@@ -25,10 +26,11 @@ def test_every_option_composes_and_instantiates(choice):
     cfg = build_run_config(compose_config([choice, *REQUIRED.get(choice, [])]))
     assert isinstance(cfg, RunConfig)
     group, option = choice.split("=")
-    assert dataclasses.is_dataclass(getattr(cfg, group))
+    if group != "experiment":  # an experiment is a delta over several groups, not a group of RunConfig
+        assert dataclasses.is_dataclass(getattr(cfg, group))
     if group == "parallelism" and option == "single":
         validate(cfg.replace(cluster={"nproc_per_node": 1}), world=1)
-    elif group == "model":
+    elif group == "model" or group == "experiment":
         validate(cfg.replace(training={"seq_len": 256}), world=2)
     else:
         validate(cfg, world=2)
@@ -52,7 +54,7 @@ def test_run_name_is_deterministic_and_ignores_watch_only_keys():
     b = build_run_config(compose_config(["optimizer.lr=1e-3", "training.steps=500", "metrics.log_freq=1"])).run.name
     c = build_run_config(compose_config(["optimizer.lr=2e-3"])).run.name
     assert a == b != c
-    assert a.startswith("optimizer.lr=0.001-")
+    assert a.startswith("optimizer.lr-1e-3-")
 
 
 def test_explicit_run_name():
@@ -89,3 +91,18 @@ def test_resolved_config_round_trips_as_plain_yaml():
 def test_model_shape_errors_surface_as_config_errors():
     with pytest.raises(ConfigError, match="model.n_heads=8 must be a multiple of model.n_kv_heads=3"):
         build_run_config(compose_config(["model.n_kv_heads=3"]))
+
+
+def test_experiment_is_a_named_delta_and_names_the_run_group():
+    cfg = build_run_config(
+        compose_config(["experiment=llama3_8b_c4", "data.tokenizer=${titan_asset:tokenizers/titan_debug.tiktoken}"])
+    )
+    assert cfg.model.dim == 4096 and cfg.data.path == "allenai/c4" and cfg.training.seq_len == 8192
+    assert cfg.run.group == "llama3_8b_c4"
+    validate(cfg, world=8)
+
+
+@pytest.mark.parametrize("sweep", SWEEPS)
+def test_named_sweeps_compose(sweep):
+    cfg = compose_config([f"+sweeps={sweep}"])
+    validate(build_run_config(cfg), world=2)

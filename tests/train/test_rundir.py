@@ -18,10 +18,10 @@ def make_checkpoint(run_dir, step):
 
 def test_run_names_are_deterministic_and_readable():
     assert run_name_from_overrides("") == "default"
-    a = run_name_from_overrides("optimizer.lr=0.001")
-    assert a == run_name_from_overrides("optimizer.lr=0.001") and a.startswith("optimizer.lr=0.001-")
-    assert a != run_name_from_overrides("optimizer.lr=0.002")
-    assert "/" not in run_name_from_overrides("data.path=/x/y/*.json")
+    a = run_name_from_overrides("optimizer.lr-0.001")
+    assert a == run_name_from_overrides("optimizer.lr-0.001") and a.startswith("optimizer.lr-0.001-")
+    assert a != run_name_from_overrides("optimizer.lr-0.002")
+    assert run_name_from_overrides("data.path-/x/y/*.json").startswith("data.path-_x_y__.json-")
 
 
 def test_fresh_directory_starts_fresh(tmp_path):

@@ -13,13 +13,12 @@ def run_group() -> str:
     return choices.get("experiment") or choices.get("model") or "default"
 
 
-def sweep_name() -> str:
-    """A named sweep's name (`+sweeps=lr_scan`), else the run group."""
-    return HydraConfig.get().runtime.choices.get("sweeps") or run_group()
+def first_set(*values):
+    return next((v for v in values if v is not None), None)
 
 
 def register() -> None:
     OmegaConf.register_new_resolver("titan_asset", lambda rel: str(asset_path(rel)), replace=True)
     OmegaConf.register_new_resolver("titan_run_name", run_name_from_overrides, replace=True)
     OmegaConf.register_new_resolver("titan_run_group", run_group, replace=True)
-    OmegaConf.register_new_resolver("titan_sweep_name", sweep_name, replace=True)
+    OmegaConf.register_new_resolver("titan_first_set", first_set, replace=True)
