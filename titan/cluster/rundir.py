@@ -43,7 +43,7 @@ def run_name_from_overrides(override_dirname: str) -> str:
     """A deterministic, readable directory name for a set of overrides (never a timestamp)."""
     if not override_dirname:
         return "default"
-    slug = re.sub(r"[^A-Za-z0-9_.+-]", "_", override_dirname)[:60]
+    slug = re.sub(r"[^A-Za-z0-9_.+-]", "_", override_dirname)[:120]
     digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:8]
     return f"{slug}-{digest}"
 
