@@ -1,7 +1,7 @@
 """titan's entry point: compose the config -> validate -> run directory -> ranks.
 
-    python launch.py model=llama3_8b parallelism=fsdp optimizer.lr=3e-4 training.steps=1000
-    torchrun --nproc_per_node 8 launch.py model=llama3_8b
+python launch.py model=llama3_8b parallelism=fsdp optimizer.lr=3e-4 training.steps=1000
+torchrun --nproc_per_node 8 launch.py model=llama3_8b
 """
 
 import contextlib
@@ -52,7 +52,11 @@ def launch(cfg: DictConfig) -> float | None:
 
     under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
     gpus = torch.cuda.device_count()
-    world = int(os.environ["WORLD_SIZE"]) if under_torchrun else run_cfg.cluster.nodes * nproc_per_node(run_cfg, gpus)
+    world = (
+        int(os.environ["WORLD_SIZE"])
+        if under_torchrun
+        else run_cfg.cluster.nodes * nproc_per_node(run_cfg, gpus)
+    )
     validate(run_cfg, world)
     validate_data(run_cfg)
     if run_cfg.cluster.nodes > 1 and not under_torchrun:

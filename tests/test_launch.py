@@ -61,7 +61,15 @@ def test_train_resume_and_reproduce(tmp_path):
 
     # The saved config is a primary config: launching it into a new name reproduces the run.
     repro = subprocess.run(
-        [sys.executable, "launch.py", "--config-dir", str(run_dir), "--config-name", "config", "run.name=repro"],
+        [
+            sys.executable,
+            "launch.py",
+            "--config-dir",
+            str(run_dir),
+            "--config-name",
+            "config",
+            "run.name=repro",
+        ],
         cwd=REPO,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         capture_output=True,
@@ -81,7 +89,12 @@ def test_train_resume_and_reproduce(tmp_path):
 
     # A change to what the run computes is refused, with the difference.
     refused = launch(
-        "training.steps=6", *SMALL, f"run.name={run_dir.name}", "optimizer.lr=1e-2", root=tmp_path, check=False
+        "training.steps=6",
+        *SMALL,
+        f"run.name={run_dir.name}",
+        "optimizer.lr=1e-2",
+        root=tmp_path,
+        check=False,
     )
     assert refused.returncode == 2
     assert "optimizer.lr: 0.0003 -> 0.01" in refused.stderr
@@ -90,8 +103,9 @@ def test_train_resume_and_reproduce(tmp_path):
 def test_bad_config_fails_before_training_with_the_fix(tmp_path):
     proc = launch("training.global_batch_size=10", root=tmp_path, check=False)
     assert proc.returncode == 2
-    assert "training.global_batch_size=10 is not divisible by dp=2 x training.micro_batch_size=2; use 8 or 12" in (
-        proc.stderr
+    assert (
+        "training.global_batch_size=10 is not divisible by dp=2 x training.micro_batch_size=2; use 8 or 12"
+        in (proc.stderr)
     )
     assert not (tmp_path / "llama3_debug").exists()  # nothing was created
 

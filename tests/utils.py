@@ -20,7 +20,14 @@ from titan.config.schema import (
 )
 
 TINY_MODEL = ModelArgs(
-    dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=2304, ffn_dim=128, rope_scaling_factor=8.0, max_seq_len=256
+    dim=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    vocab_size=2304,
+    ffn_dim=128,
+    rope_scaling_factor=8.0,
+    max_seq_len=256,
 )
 C4_TEST = DataConfig(
     source="jsonl",

@@ -90,7 +90,9 @@ class Checkpointer:
             _write_json(partial / "loader" / f"{name}.json", state)
         _write_json(partial / "rng" / f"rank-{self.rank:05d}.json", _rng_state())
         if self.rank == 0:
-            _write_json(partial / "train_state.json", {**train_state, "scheduler": self.scheduler.state_dict()})
+            _write_json(
+                partial / "train_state.json", {**train_state, "scheduler": self.scheduler.state_dict()}
+            )
         dist.barrier()
         if self.rank == 0:
             if final.exists():  # a re-save of the same step (e.g. after a resume that did no step)

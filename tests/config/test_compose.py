@@ -51,7 +51,9 @@ def test_overrides_reach_the_dataclasses():
 
 def test_run_name_is_deterministic_and_ignores_watch_only_keys():
     a = build_run_config(compose_config(["optimizer.lr=1e-3"])).run.name
-    b = build_run_config(compose_config(["optimizer.lr=1e-3", "training.steps=500", "metrics.log_freq=1"])).run.name
+    b = build_run_config(
+        compose_config(["optimizer.lr=1e-3", "training.steps=500", "metrics.log_freq=1"])
+    ).run.name
     c = build_run_config(compose_config(["optimizer.lr=2e-3"])).run.name
     assert a == b != c
     assert a.startswith("optimizer.lr-1e-3-")
@@ -62,7 +64,9 @@ def test_explicit_run_name():
 
 
 def test_unknown_key_lists_the_valid_keys():
-    with pytest.raises(ConfigError, match=r"unknown key\(s\) training.stepz; valid keys of training: .*steps"):
+    with pytest.raises(
+        ConfigError, match=r"unknown key\(s\) training.stepz; valid keys of training: .*steps"
+    ):
         build_run_config(compose_config(["+training.stepz=5"]))
 
 
@@ -95,7 +99,9 @@ def test_model_shape_errors_surface_as_config_errors():
 
 def test_experiment_is_a_named_delta_and_names_the_run_group():
     cfg = build_run_config(
-        compose_config(["experiment=llama3_8b_c4", "data.tokenizer=${titan_asset:tokenizers/titan_debug.tiktoken}"])
+        compose_config(
+            ["experiment=llama3_8b_c4", "data.tokenizer=${titan_asset:tokenizers/titan_debug.tiktoken}"]
+        )
     )
     assert cfg.model.dim == 4096 and cfg.data.path == "allenai/c4" and cfg.training.seq_len == 8192
     assert cfg.run.group == "llama3_8b_c4"

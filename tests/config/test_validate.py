@@ -18,8 +18,9 @@ def test_global_batch_not_divisible_names_keys_and_fix():
     cfg = base().replace(training={"global_batch_size": 10, "micro_batch_size": 2})
     with pytest.raises(ConfigError) as e:
         validate(cfg, world=4)
-    assert "training.global_batch_size=10 is not divisible by dp=4 x training.micro_batch_size=2; use 8 or 16" in str(
-        e.value
+    assert (
+        "training.global_batch_size=10 is not divisible by dp=4 x training.micro_batch_size=2; use 8 or 16"
+        in str(e.value)
     )
 
 
@@ -49,7 +50,9 @@ def test_bad_choice_lists_the_choices(group, key, value):
 
 
 def test_every_problem_is_reported_at_once():
-    cfg = base().replace(training={"steps": 0, "seq_len": 4096}, optimizer={"lr": -1.0}, model={"max_seq_len": 2048})
+    cfg = base().replace(
+        training={"steps": 0, "seq_len": 4096}, optimizer={"lr": -1.0}, model={"max_seq_len": 2048}
+    )
     with pytest.raises(ConfigError) as e:
         validate(cfg, world=2)
     message = str(e.value)
@@ -66,5 +69,3 @@ def test_warmup_longer_than_training():
     cfg = base().replace(training={"steps": 10}, optimizer={"warmup_steps": 10})
     with pytest.raises(ConfigError, match="optimizer.warmup_steps=10"):
         validate(cfg, world=1)
-
-

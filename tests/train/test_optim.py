@@ -51,7 +51,9 @@ def test_no_weight_decay_on_norms():
     model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=64, ffn_dim=64))
     decay, no_decay = param_groups(model, 0.1)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert all(p.ndim == 1 for p in no_decay["params"]) and len(no_decay["params"]) == 3  # 2 block norms + final
+    assert (
+        all(p.ndim == 1 for p in no_decay["params"]) and len(no_decay["params"]) == 3
+    )  # 2 block norms + final
     assert all(p.ndim == 2 for p in decay["params"])
 
 

@@ -76,5 +76,8 @@ def test_provenance_files(tmp_path, monkeypatch):
     assert yaml.safe_load((tmp_path / "overrides.yaml").read_text()) == ["optimizer.lr=0.1"]
     env = (tmp_path / "env.txt").read_text()
     assert "torch:" in env and "TITAN_VISIBLE=yes" in env and "hunter2" not in env
-    assert "commit " in (tmp_path / "git.txt").read_text() or "not a git checkout" in (tmp_path / "git.txt").read_text()
+    assert (
+        "commit " in (tmp_path / "git.txt").read_text()
+        or "not a git checkout" in (tmp_path / "git.txt").read_text()
+    )
     assert "optimizer.lr=0.1" in (tmp_path / "cmd.txt").read_text()

@@ -104,7 +104,9 @@ def _git_state() -> str:
         status = subprocess.run(
             ["git", "-C", str(source), "status", "--short"], capture_output=True, text=True
         ).stdout
-        diff = subprocess.run(["git", "-C", str(source), "diff", "HEAD"], capture_output=True, text=True).stdout
+        diff = subprocess.run(
+            ["git", "-C", str(source), "diff", "HEAD"], capture_output=True, text=True
+        ).stdout
         return f"commit {commit}\nsource {source}\n\n# git status --short\n{status}\n# git diff HEAD\n{diff}"
     except (OSError, subprocess.CalledProcessError):
         return f"source {source} is not a git checkout\n"

@@ -74,6 +74,8 @@ def build_run_config(cfg: DictConfig) -> RunConfig:
 def _tuples(obj: Any) -> Any:
     """YAML gives lists; the frozen dataclasses hold tuples so they stay hashable and comparable."""
     changes = {
-        f.name: tuple(getattr(obj, f.name)) for f in dataclasses.fields(obj) if isinstance(getattr(obj, f.name), list)
+        f.name: tuple(getattr(obj, f.name))
+        for f in dataclasses.fields(obj)
+        if isinstance(getattr(obj, f.name), list)
     }
     return dataclasses.replace(obj, **changes) if changes else obj

@@ -60,7 +60,9 @@ def validate(cfg: RunConfig, world: int) -> ParallelDims:
         errors.append(f"training.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower it")
 
     dims = None
-    _choice(errors, "parallelism.reshard_after_forward", cfg.parallelism.reshard_after_forward, RESHARD_CHOICES)
+    _choice(
+        errors, "parallelism.reshard_after_forward", cfg.parallelism.reshard_after_forward, RESHARD_CHOICES
+    )
     try:
         dims = ParallelDims.resolve(cfg.parallelism, world)
     except ValueError as e:
