@@ -26,7 +26,7 @@ def test_global_batch_not_divisible_names_keys_and_fix():
 
 def test_degrees_must_multiply_to_world_size():
     cfg = base().replace(parallelism={"dp_shard": 3})
-    with pytest.raises(ConfigError, match=r"dp_shard=3 = 3, but the world size .* is 4"):
+    with pytest.raises(ConfigError, match=r"dp_shard=3 x cp=1 x tp=1 x pp=1 = 3, but the world size .* is 4"):
         validate(cfg, world=4)
 
 

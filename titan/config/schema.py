@@ -36,8 +36,16 @@ class TrainingConfig:
 class ParallelismConfig:
     dp_replicate: int = 1
     dp_shard: int = -1  # -1: whatever the world size leaves over
+    cp: int = 1  # context parallel: the sequence split over this many ranks
+    tp: int = 1  # tensor parallel (with sequence parallel)
+    pp: int = 1  # pipeline stages
     reshard_after_forward: str = "default"  # default | always | never
     cpu_offload: bool = False
+    loss_parallel: bool = True  # with tp > 1: cross-entropy on vocab-sharded logits
+    async_tp: bool = False  # CUDA only, needs training.compile
+    pp_schedule: str = "1F1B"  # GPipe | 1F1B | Interleaved1F1B | LoopedBFS | InterleavedZeroBubble | ZBVZeroBubble | DualPipeV
+    pp_microbatches: int | None = None  # None: the number of pipeline stages
+    pp_layers_per_stage: int | None = None  # None: layers split evenly over the stages
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,17 @@ class DataConfig:
 class CheckpointConfig:
     enable: bool = False
     interval: int = 500  # steps between saves; the last step is always saved
+    interval_s: float = 0.0  # also save when this much wall-clock time passed since the last save; 0: off
+    mode: str = "sync"  # sync | thread (DCP async_save in a thread) | process (in a background process)
+    folder: str | None = None  # None: <run dir>/checkpoints
+    keep_latest_k: int = 3  # 0 keeps all
+    load_step: int | None = None  # None: the newest complete checkpoint
+    exclude_from_loading: tuple[str, ...] = ()  # any of model, optimizer, lr_scheduler, dataloader, train_state
+    model_only: bool = False  # the final save holds the model weights only (an export)
+    export_dtype: str = "float32"  # float32 | bfloat16 | float16, for model_only
+    export_hf: bool = False  # also write a Hugging Face export (safetensors + config.json) at the end
+    initial_load_path: str | None = None  # start from these weights (DCP or HF folder); model only
+    on_error: str = "raise"  # raise | warn: what a failed save does to the run
 
 
 @dataclass(frozen=True)

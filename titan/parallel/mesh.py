@@ -1,5 +1,6 @@
 """ParallelDims: the parallel degrees of a run, checked against the world size, and its device mesh."""
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -7,35 +8,44 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from titan.config.schema import ParallelismConfig
 
+# Outermost to innermost: TP talks most and gets the closest ranks (one node's NVLink), PP least.
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+
 
 @dataclass(frozen=True)
 class ParallelDims:
     dp_replicate: int
     dp_shard: int
+    cp: int
+    tp: int
+    pp: int
     world_size: int
 
     @classmethod
     def resolve(cls, cfg: ParallelismConfig, world_size: int) -> "ParallelDims":
         """Fill in `dp_shard=-1` and check that the degrees multiply to the world size."""
-        if cfg.dp_replicate < 1:
-            raise ValueError(f"parallelism.dp_replicate={cfg.dp_replicate} must be >= 1")
+        fixed = {"dp_replicate": cfg.dp_replicate, "cp": cfg.cp, "tp": cfg.tp, "pp": cfg.pp}
+        for name, degree in fixed.items():
+            if degree < 1:
+                raise ValueError(f"parallelism.{name}={degree} must be >= 1")
+        others = cfg.dp_replicate * cfg.cp * cfg.tp * cfg.pp
         dp_shard = cfg.dp_shard
         if dp_shard == -1:
-            if world_size % cfg.dp_replicate:
+            if world_size % others:
                 raise ValueError(
-                    f"parallelism.dp_replicate={cfg.dp_replicate} does not divide the world size {world_size}; "
-                    f"pick a divisor of {world_size}"
+                    f"parallelism.dp_replicate x cp x tp x pp = {others} does not divide the world size "
+                    f"{world_size} (cluster.nodes x cluster.nproc_per_node); change the degrees or the ranks"
                 )
-            dp_shard = world_size // cfg.dp_replicate
+            dp_shard = world_size // others
         if dp_shard < 1:
             raise ValueError(f"parallelism.dp_shard={cfg.dp_shard} must be -1 (the rest) or >= 1")
-        if cfg.dp_replicate * dp_shard != world_size:
+        if others * dp_shard != world_size:
             raise ValueError(
-                f"parallelism.dp_replicate={cfg.dp_replicate} x parallelism.dp_shard={dp_shard} = "
-                f"{cfg.dp_replicate * dp_shard}, but the world size (cluster.nodes x cluster.nproc_per_node) "
+                f"parallelism.dp_replicate={cfg.dp_replicate} x dp_shard={dp_shard} x cp={cfg.cp} x tp={cfg.tp} x "
+                f"pp={cfg.pp} = {others * dp_shard}, but the world size (cluster.nodes x cluster.nproc_per_node) "
                 f"is {world_size}; set parallelism.dp_shard=-1 or change cluster.nproc_per_node"
             )
-        return cls(dp_replicate=cfg.dp_replicate, dp_shard=dp_shard, world_size=world_size)
+        return cls(dp_shard=dp_shard, world_size=world_size, **fixed)
 
     @property
     def dp(self) -> int:
@@ -44,7 +54,8 @@ class ParallelDims:
 
     @property
     def fsdp_enabled(self) -> bool:
-        return self.dp_shard > 1
+        """FSDP shards over dp_shard x cp: context-parallel ranks hold the same weights."""
+        return self.dp_shard * self.cp > 1
 
     @property
     def ddp_enabled(self) -> bool:
@@ -53,18 +64,25 @@ class ParallelDims:
     def build_meshes(self, device_type: str) -> dict[str, DeviceMesh]:
         """One world mesh with named dims, and the sub-meshes each parallelism works on.
 
-        `dp` is the flattened batch dimension (dp_replicate x dp_shard); `fsdp` is the mesh FSDP
-        shards over (2-D for HSDP).
+        `dp` (dp_replicate x dp_shard) splits the batch; `fsdp` (dp_shard x cp, with dp_replicate in
+        front for HSDP) shards parameters; `loss` (dp x cp) sums the loss; `tp`, `cp`, `pp` as named.
         """
-        world = init_device_mesh(
-            device_type, (self.dp_replicate, self.dp_shard), mesh_dim_names=("dp_replicate", "dp_shard")
-        )
-        return {
+        sizes = (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
+        world = init_device_mesh(device_type, sizes, mesh_dim_names=MESH_DIMS)
+        meshes = {
             "world": world,
             "dp": world[("dp_replicate", "dp_shard")]._flatten("dp"),
+            "dp_shard_cp": world[("dp_shard", "cp")]._flatten("dp_shard_cp"),
+            "loss": world[("dp_replicate", "dp_shard", "cp")]._flatten("dp_cp"),
             "dp_replicate": world["dp_replicate"],
-            "fsdp": world[("dp_replicate", "dp_shard")] if self.dp_replicate > 1 else world["dp_shard"],
+            "cp": world["cp"],
+            "tp": world["tp"],
+            "pp": world["pp"],
         }
+        meshes["fsdp"] = (
+            world[("dp_replicate", "dp_shard_cp")] if self.dp_replicate > 1 else meshes["dp_shard_cp"]
+        )
+        return meshes
 
 
 def device_for(kind: str) -> torch.device:
@@ -72,7 +90,5 @@ def device_for(kind: str) -> torch.device:
     if kind == "auto":
         kind = "cuda" if torch.cuda.is_available() else "cpu"
     if kind == "cuda":
-        import os
-
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device(kind)
