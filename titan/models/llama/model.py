@@ -161,9 +161,16 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, :, None, :].expand(b, s, kv_heads, n_rep, d).reshape(b, s, kv_heads * n_rep, d)
 
 
+def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention over [B, heads, S, head_dim] tensors."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
+        # The attention kernel; context parallelism swaps in one that sees the whole sequence.
+        self.sdpa = causal_sdpa
         self.head_dim = args.head_dim
         self.n_rep = args.n_heads // args.n_kv_heads
         self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
@@ -181,9 +188,7 @@ class Attention(nn.Module):
         # Repeated explicitly rather than `enable_gqa`: every SDPA backend and torch's ring
         # attention (context parallelism) accept equal head counts.
         xk, xv = repeat_kv(xk, self.n_rep), repeat_kv(xv, self.n_rep)
-        out = F.scaled_dot_product_attention(
-            xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2), is_causal=True
-        )
+        out = self.sdpa(xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2))
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
     def init_weights(self, out_std: float):
