@@ -26,6 +26,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from titan.config.schema import CheckpointConfig
+
 log = logging.getLogger("titan")
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -70,12 +72,24 @@ def _set_rng_state(state: dict) -> None:
 
 
 class Checkpointer:
-    """Saves and restores model, optimizer, LR schedule, data loader, train state and RNG."""
+    """Saves and restores model, optimizer, LR schedule, data loader, train state and RNG.
 
-    def __init__(self, folder: Path, *, model, optimizer, scheduler, loader) -> None:
-        self.folder = Path(folder)
-        self.model, self.optimizer, self.scheduler, self.loader = model, optimizer, scheduler, loader
+    The trainer calls `load()` once before training, `maybe_save()` after every step, `save()` when it
+    must stop early (preemption), and `close()` at the end.
+    """
+
+    def __init__(
+        self, cfg: CheckpointConfig, run_dir: Path, *, model_parts: list, optimizer, scheduler, loader
+    ) -> None:
+        self.cfg = cfg
+        self.folder = Path(cfg.folder) if cfg.folder else Path(run_dir) / "checkpoints"
+        self.model = model_parts[0]  # one part per rank until pipeline stages come
+        self.optimizer, self.scheduler, self.loader = optimizer, scheduler, loader
         self.rank = dist.get_rank()
+
+    def maybe_save(self, step: int, train_state: dict, *, last: bool) -> None:
+        if self.cfg.enable and (last or step % self.cfg.interval == 0):
+            self.save(step, train_state)
 
     def save(self, step: int, train_state: dict) -> Path:
         final = step_dir(self.folder, step)
@@ -102,8 +116,12 @@ class Checkpointer:
         log.info("saved checkpoint %s", final)
         return final
 
-    def load(self, step: int) -> dict:
-        path = step_dir(self.folder, step)
+    def load(self) -> dict | None:
+        """Restore the newest complete checkpoint; returns its train state, or None to start fresh."""
+        steps = complete_steps(self.folder)
+        if not steps:
+            return None
+        path = step_dir(self.folder, steps[-1])
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         state = {"model": model_sd, "optimizer": optim_sd}
         try:
@@ -126,3 +144,6 @@ class Checkpointer:
         self.scheduler.load_state_dict(train_state.pop("scheduler"))
         log.info("resumed from checkpoint %s", path)
         return train_state
+
+    def close(self) -> None:
+        """Wait for saves in flight (none while saving is synchronous)."""

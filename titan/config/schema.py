@@ -89,7 +89,9 @@ class CheckpointConfig:
     folder: str | None = None  # None: <run dir>/checkpoints
     keep_latest_k: int = 3  # 0 keeps all
     load_step: int | None = None  # None: the newest complete checkpoint
-    exclude_from_loading: tuple[str, ...] = ()  # any of model, optimizer, lr_scheduler, dataloader, train_state
+    exclude_from_loading: tuple[
+        str, ...
+    ] = ()  # any of model, optimizer, lr_scheduler, dataloader, train_state
     model_only: bool = False  # the final save holds the model weights only (an export)
     export_dtype: str = "float32"  # float32 | bfloat16 | float16, for model_only
     export_hf: bool = False  # also write a Hugging Face export (safetensors + config.json) at the end

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from titan.checkpoint import Checkpointer, complete_steps
+from titan.cluster.preempt import PreemptionWatcher
 from titan.cluster.rundir import setup_rank_logging
 from titan.config.schema import RunConfig
 from titan.data.loader import TrainLoader
@@ -89,15 +90,16 @@ class Trainer:
             dp_degree=self.dp_degree,
         )
         self.checkpointer = Checkpointer(
-            self.run_dir / "checkpoints",
-            model=self.model,
+            cfg.checkpoint,
+            self.run_dir,
+            model_parts=[self.model],
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             loader=self.loader,
         )
-        self.step = 0
-        self.tokens_seen = 0
-        self._resume()
+        state = self.checkpointer.load() or {}
+        self.step, self.tokens_seen = state.get("step", 0), state.get("tokens_seen", 0)
+        self.preemption = PreemptionWatcher()
 
         self.metrics = MetricsLogger(
             cfg.metrics,
@@ -111,13 +113,6 @@ class Trainer:
             run_id=f"{cfg.run.group}-{cfg.run.name}".replace("/", "-"),
             config=cfg.to_dict(),
         )
-
-    def _resume(self) -> None:
-        steps = complete_steps(self.run_dir / "checkpoints")
-        if not steps:
-            return
-        state = self.checkpointer.load(steps[-1])
-        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
 
     @property
     def accumulation_steps(self) -> int:
@@ -205,18 +200,25 @@ class Trainer:
                     )
                     interval_start, data_seconds, interval_tokens = now, 0.0, 0
 
-                if cfg.checkpoint.enable and (
-                    self.step % cfg.checkpoint.interval == 0 or self.step == cfg.training.steps
-                ):
-                    self.checkpointer.save(self.step, {"step": self.step, "tokens_seen": self.tokens_seen})
+                train_state = {"step": self.step, "tokens_seen": self.tokens_seen}
+                if self.preemption.stop_requested():  # every rank agrees at the same step boundary
+                    log.warning(
+                        "stopping at step %d on %s: saving a checkpoint", self.step, self.preemption.reason
+                    )
+                    self.checkpointer.save(self.step, train_state)
+                    result = {**result, "preempted": self.preemption.reason}
+                    break
+                self.checkpointer.maybe_save(self.step, train_state, last=self.step == cfg.training.steps)
         finally:
             gc.enable()
+            self.checkpointer.close()
+            self.preemption.close()
             self.metrics.close()
             self.loader.close()
         return result
 
     def _stop_on_nonfinite(self, loss: float) -> None:
-        steps = complete_steps(self.run_dir / "checkpoints")
+        steps = complete_steps(self.checkpointer.folder)
         last = f"the newest complete checkpoint is step {steps[-1]}" if steps else "there is no checkpoint"
         raise NonFiniteLossError(
             f"loss is {loss} at step {self.step}; {last}. Lower optimizer.lr, raise optimizer.warmup_steps "
