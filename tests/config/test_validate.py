@@ -69,3 +69,46 @@ def test_warmup_longer_than_training():
     cfg = base().replace(training={"steps": 10}, optimizer={"warmup_steps": 10})
     with pytest.raises(ConfigError, match="optimizer.warmup_steps=10"):
         validate(cfg, world=1)
+
+
+def test_tp_must_divide_heads():
+    cfg = base().replace(
+        model={"n_kv_heads": 2, "n_heads": 4, "dim": 64}, parallelism={"tp": 4, "dp_shard": 1}
+    )
+    with pytest.raises(ConfigError, match="model.n_kv_heads=2 is not divisible by parallelism.tp=4"):
+        validate(cfg, world=4)
+
+
+def test_cp_needs_load_balanced_sequence_chunks():
+    cfg = base().replace(training={"seq_len": 102}, parallelism={"cp": 2, "dp_shard": 1})
+    with pytest.raises(ConfigError, match=r"training.seq_len=102 is not divisible by 2 x cp x tp .* = 4"):
+        validate(cfg, world=2)
+
+
+def test_async_tp_needs_cuda_and_compile():
+    cfg = base().replace(parallelism={"tp": 2, "dp_shard": 1, "async_tp": True})
+    with pytest.raises(ConfigError, match="parallelism.async_tp=true needs"):
+        validate(cfg, world=2)
+
+
+def test_async_tp_wiring_turns_on_inductor_micro_pipelining(monkeypatch):
+    """The CUDA-only path cannot run here; its wiring can: the inductor flag and the symmetric-memory
+    registration of the TP group."""
+    import torch
+    import torch.distributed._symmetric_memory as symm
+
+    from titan.parallel.tp import enable_async_tp
+
+    registered = []
+    monkeypatch.setattr(symm, "enable_symm_mem_for_group", registered.append)
+    monkeypatch.setattr(torch._inductor.config, "_micro_pipeline_tp", False)
+
+    class FakeMesh:
+        def get_group(self):
+            class Group:
+                group_name = "tp-group"
+
+            return Group()
+
+    enable_async_tp(FakeMesh())
+    assert torch._inductor.config._micro_pipeline_tp is True and registered == ["tp-group"]

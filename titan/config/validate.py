@@ -74,6 +74,7 @@ def validate(cfg: RunConfig, world: int) -> ParallelDims:
                 f"training.global_batch_size={t.global_batch_size} is not divisible by dp={dims.dp} x "
                 f"training.micro_batch_size={t.micro_batch_size}; use {_nearest_multiples(t.global_batch_size, unit)}"
             )
+        _check_model_parallel(errors, cfg, dims)
         streams_per_rank = t.global_batch_size // dims.dp
         if d.num_workers > 0 and streams_per_rank % d.num_workers:
             errors.append(
@@ -106,6 +107,35 @@ def validate(cfg: RunConfig, world: int) -> ParallelDims:
     if errors:
         raise ConfigError("invalid configuration:\n" + "\n".join(f"  - {e}" for e in errors))
     return dims
+
+
+def _check_model_parallel(errors: list[str], cfg: RunConfig, dims: ParallelDims) -> None:
+    m, t, p = cfg.model, cfg.training, cfg.parallelism
+    if dims.tp > 1:
+        for key in ("n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
+            if getattr(m, key) % dims.tp:
+                errors.append(
+                    f"model.{key}={getattr(m, key)} is not divisible by parallelism.tp={dims.tp}; "
+                    f"use a tp that divides it"
+                )
+    balance = 2 * dims.cp * dims.tp if dims.cp > 1 else dims.tp
+    if t.seq_len % balance:
+        what = (
+            "2 x cp x tp (load-balanced context parallelism)" if dims.cp > 1 else "tp (sequence parallelism)"
+        )
+        errors.append(
+            f"training.seq_len={t.seq_len} is not divisible by {what} = {balance}; "
+            f"use a multiple of {balance}"
+        )
+    if p.async_tp:
+        import torch
+
+        if dims.tp == 1 or not t.compile or not torch.cuda.is_available() or t.device == "cpu":
+            errors.append(
+                "parallelism.async_tp=true needs parallelism.tp > 1, training.compile=true and CUDA "
+                f"(got tp={dims.tp}, compile={t.compile}, cuda={torch.cuda.is_available()}); "
+                "set parallelism.async_tp=false"
+            )
 
 
 def validate_data(cfg: RunConfig) -> None:

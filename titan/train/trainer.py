@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from titan.checkpoint import Checkpointer, complete_steps
 from titan.cluster.preempt import PreemptionWatcher
@@ -26,6 +28,24 @@ from titan.train.loss import cross_entropy_sum
 from titan.train.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("titan")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A replicated DTensor (the loss under loss parallelism) as a plain tensor."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+class _LoadOnly:
+    """A loader whose state this rank restores but leaves to another rank to save."""
+
+    def __init__(self, loader: TrainLoader) -> None:
+        self.loader = loader
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -73,6 +93,8 @@ class Trainer:
         self.model.to_empty(device=self.device)
         init_weights(self.model, cfg.model, seed=cfg.training.seed, device=self.device)
         self.model.train()
+        use_loss_parallel = self.dims.tp > 1 and cfg.parallelism.loss_parallel
+        self.loss_parallel = loss_parallel if use_loss_parallel else contextlib.nullcontext
         # Without FSDP the compute dtype comes from autocast; with FSDP from its MixedPrecisionPolicy.
         self.autocast = (
             torch.autocast(self.device.type, dtype=DTYPES[cfg.training.param_dtype])
@@ -95,7 +117,7 @@ class Trainer:
             model_parts=[self.model],
             optimizer=self.optimizer,
             scheduler=self.scheduler,
-            loader=self.loader,
+            loader=self.loader if self._writes_loader_state() else _LoadOnly(self.loader),
         )
         state = self.checkpointer.load() or {}
         self.step, self.tokens_seen = state.get("step", 0), state.get("tokens_seen", 0)
@@ -114,6 +136,11 @@ class Trainer:
             config=cfg.to_dict(),
         )
 
+    def _writes_loader_state(self) -> bool:
+        """TP, CP and PP ranks of one data-parallel rank read the same streams: one of them saves them."""
+        world = self.meshes["world"]
+        return all(world[name].get_local_rank() == 0 for name in ("tp", "cp", "pp"))
+
     @property
     def accumulation_steps(self) -> int:
         t = self.cfg.training
@@ -123,31 +150,32 @@ class Trainer:
         """One optimizer step over this rank's share of the global batch. Returns (loss, grad_norm)."""
         t = self.cfg.training
         global_tokens = t.global_batch_size * t.seq_len
-        # Data-parallel gradient reduction averages over dp ranks; scaling by dp turns it into the
-        # sum, so the gradient is d(sum of token losses)/d(w) / global_tokens for every layout.
-        scale = self.dp_degree / global_tokens
+        # Gradient reduction averages over the dp x cp ranks that each summed the loss of their own
+        # tokens; scaling by their number turns the average into the sum, so every layout gets
+        # d(sum of token losses)/dw / global_tokens.
+        scale = self.meshes["loss"].size() / global_tokens
         loss_sum = torch.zeros((), device=self.device)
         for micro_inputs, micro_labels in zip(
             inputs.split(t.micro_batch_size), labels.split(t.micro_batch_size), strict=True
         ):
-            with self.autocast:
+            with self.autocast, self.loss_parallel():
                 logits = self.model(micro_inputs.to(self.device))
-            micro_loss = cross_entropy_sum(logits, micro_labels.to(self.device))
-            (micro_loss * scale).backward()
-            loss_sum += micro_loss.detach()
+                micro_loss = cross_entropy_sum(logits, micro_labels.to(self.device))
+                (micro_loss * scale).backward()
+            loss_sum += _local(micro_loss.detach())
 
         grad_norm = self._clip_grad_norm()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
 
-        dist.all_reduce(loss_sum)  # each dp rank summed its own tokens
+        dist.all_reduce(loss_sum, group=self.meshes["loss"].get_group())  # each summed its own tokens
         return loss_sum.item() / global_tokens, grad_norm
 
     def _clip_grad_norm(self) -> float:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-        if isinstance(norm, torch.distributed.tensor.DTensor):
+        if isinstance(norm, DTensor):
             norm = norm.full_tensor()  # sums the squares of every shard: the true global norm
         if self.cfg.training.max_norm > 0:
             torch.nn.utils.clip_grads_with_norm_(grads, self.cfg.training.max_norm, norm, foreach=True)
@@ -155,7 +183,10 @@ class Trainer:
 
     def train(self) -> dict:
         cfg = self.cfg
-        tokens_per_step_per_rank = cfg.training.global_batch_size // self.dp_degree * cfg.training.seq_len
+        # Per device: TP, CP and PP ranks share their data-parallel rank's tokens.
+        tokens_per_step_per_rank = (
+            cfg.training.global_batch_size * cfg.training.seq_len // self.dims.world_size
+        )
         log.info(
             "training %s for %d steps from step %d: world %d, dp %d, accumulation %d, %s",
             cfg.run.group,
@@ -181,7 +212,7 @@ class Trainer:
 
                 lr = self.scheduler.get_last_lr()[0]
                 loss, grad_norm = self.train_step(inputs, labels)
-                self.tokens_seen += tokens_per_step_per_rank * self.dp_degree
+                self.tokens_seen += cfg.training.global_batch_size * cfg.training.seq_len
                 interval_tokens += tokens_per_step_per_rank
                 if not math.isfinite(loss):
                     self._stop_on_nonfinite(loss)

@@ -179,7 +179,15 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        # Sliced here, not in Transformer.forward: under sequence parallelism only attention sees the
+        # whole sequence; the block input holds 1/tp of it.
         bsz, seqlen, _ = x.shape
+        if seqlen > rope.shape[0]:
+            raise ValueError(
+                f"sequence of {seqlen} tokens is longer than the rotary table ({rope.shape[0]}); "
+                "raise model.max_seq_len"
+            )
+        rope = rope[:seqlen]
         # -1 heads: under tensor parallelism each rank holds a slice of the heads.
         xq = self.wq(x).view(bsz, seqlen, -1, self.head_dim)
         xk = self.wk(x).view(bsz, seqlen, -1, self.head_dim)
@@ -249,13 +257,7 @@ class Transformer(nn.Module):
         """tokens [B, S] -> logits [B, S, vocab]. A pipeline stage without tok_embeddings takes
         hidden states [B, S, dim]; one without norm/output returns hidden states."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        seqlen = h.shape[1]
-        if seqlen > self.rope_cache.shape[0]:
-            raise ValueError(
-                f"sequence of {seqlen} tokens is longer than the rotary table "
-                f"({self.rope_cache.shape[0]}); raise model.max_seq_len"
-            )
-        rope = self.rope_cache[:seqlen]
+        rope = self.rope_cache  # each attention slices it to its sequence length
         for layer in self.layers.values():
             h = layer(h, rope)
         h = self.norm(h) if self.norm is not None else h

@@ -1,4 +1,7 @@
-"""Apply titan's parallelisms to a Llama Transformer from outside, in order: AC -> compile -> FSDP/DDP."""
+"""Apply titan's parallelisms to a Llama Transformer from outside, in order: TP -> AC -> compile -> FSDP/DDP.
+
+Context parallelism needs the materialized rope table, so the trainer applies it after init.
+"""
 
 from torch.distributed.device_mesh import DeviceMesh
 
@@ -8,6 +11,7 @@ from titan.parallel.ac import apply_ac
 from titan.parallel.compile import compile_blocks
 from titan.parallel.fsdp import apply_ddp, apply_fsdp
 from titan.parallel.mesh import ParallelDims
+from titan.parallel.tp import apply_tp, enable_async_tp
 
 
 def parallelize_llama(
@@ -17,9 +21,13 @@ def parallelize_llama(
     training: TrainingConfig,
     parallelism: ParallelismConfig,
 ) -> Transformer:
+    if dims.tp > 1:
+        apply_tp(model, meshes["tp"], loss_parallel=parallelism.loss_parallel)
+        if parallelism.async_tp:
+            enable_async_tp(meshes["tp"])
     apply_ac(model.layers, training.ac, training.ac_layer_freq)
     if training.compile:
-        compile_blocks(model.layers, training.compile_backend)
+        compile_blocks(model.layers, training.compile_backend, tensor_parallel=dims.tp > 1)
     if dims.fsdp_enabled:
         apply_fsdp(
             model,

@@ -1,9 +1,10 @@
-"""Every data-parallel layout trains exactly like one process (CPU, gloo, fp32, SGD).
+"""Every parallel layout trains exactly like one process (CPU, gloo, fp32, SGD).
 
 Tolerance: losses and grad norms within 1e-5 relative, weights within 1e-5 absolute after the steps.
-The layouts differ only in summation order (gradient reduction across ranks, micro-batch grouping),
-so they agree to fp32 rounding, a few ulp per step; anything systematic (a wrong gradient scale, a
-skipped micro-batch, another data order) shows up as a difference of percents.
+The layouts differ only in summation order (gradient reduction across ranks, micro-batch grouping,
+matmuls split over tensor-parallel ranks), so they agree to fp32 rounding, a few ulp per step;
+anything systematic (a wrong gradient scale, a skipped micro-batch, another data order, a wrong
+sharding) shows up as a difference of percents.
 """
 
 import pytest
@@ -30,8 +31,12 @@ def reference(tmp_path_factory):
         ({"dp_shard": -1}, 2, 2),  # FSDP x2, 2 micro-batches of accumulation per rank
         ({"dp_shard": -1}, 2, 4),  # FSDP x2, no accumulation
         ({"dp_shard": 1, "dp_replicate": 2}, 2, 2),  # DDP x2
+        ({"dp_shard": 2, "dp_replicate": 2}, 4, 2),  # HSDP 2x2
+        ({"dp_shard": 1, "tp": 2}, 2, 2),  # TP x2 with sequence and loss parallelism
+        ({"dp_shard": 1, "tp": 2, "loss_parallel": False}, 2, 2),  # TP x2, replicated logits
+        ({"dp_shard": 2, "tp": 2}, 4, 2),  # FSDP x2 x TP x2
     ],
-    ids=["fsdp2-accum2", "fsdp2-accum1", "ddp2"],
+    ids=["fsdp2-accum2", "fsdp2-accum1", "ddp2", "hsdp2x2", "tp2", "tp2-no-loss-parallel", "fsdp2-tp2"],
 )
 def test_layout_matches_single_process(tmp_path, reference, layout, nproc, micro):
     ref_metrics, ref_model = reference

@@ -1,0 +1,153 @@
+"""Context parallelism: each cp rank holds a slice of every sequence; attention sees the whole sequence.
+
+Sharding is load-balanced as in the Llama 3 paper (section 3.3.2): the sequence is cut into 2*cp chunks
+and cp rank r holds chunks r and 2*cp-1-r. Under a causal mask a late chunk does more attention work
+than an early one; a head-tail pair gives every rank the same amount.
+
+Attention all-gathers K and V over the cp group (as the Llama 3 paper does: with GQA, K/V are far
+smaller than Q, and the all-gather runs on any backend, gloo included) and computes this rank's query
+chunks against the keys they may see. The all-gather is autograd-aware: its backward reduce-scatters the
+gradients of the gathered K/V back to the ranks that own them.
+
+Call order: build -> parallelize (AC, compile, FSDP) -> materialize -> init_weights -> apply_cp -> train.
+apply_cp reads nothing from the weights, so it may also come before init_weights, but the rotary part is
+undone by a later `init_rope`/`init_weights` (they rebuild the full table): call apply_cp again after
+those; it is idempotent. The inputs and labels of every batch are sharded with `shard_sequence`.
+"""
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed._functional_collectives import all_gather_single_autograd
+from torch.distributed.device_mesh import DeviceMesh
+
+from titan.models.llama.model import Attention, Transformer, rope_cache
+
+
+def _chunk_len(seq_len: int, cp: int) -> int:
+    if seq_len % (2 * cp):
+        raise ValueError(
+            f"training.seq_len={seq_len} must be a multiple of 2 x parallelism.cp = {2 * cp} "
+            "(context parallelism cuts each sequence into 2*cp equal chunks); change training.seq_len "
+            "or parallelism.cp"
+        )
+    return seq_len // (2 * cp)
+
+
+def cp_positions(seq_len: int, cp: int, rank: int) -> torch.Tensor:
+    """The global positions cp rank `rank` holds, in its local order: chunk r, then chunk 2*cp-1-r."""
+    c = _chunk_len(seq_len, cp)
+    head, tail = rank, 2 * cp - 1 - rank
+    return torch.cat([torch.arange(head * c, (head + 1) * c), torch.arange(tail * c, (tail + 1) * c)])
+
+
+def shard_sequence(x: torch.Tensor, cp: int, rank: int, dim: int = 1) -> torch.Tensor:
+    """This rank's share of `x` along the sequence dim `dim` (inputs and labels: [B, S], dim 1)."""
+    c = _chunk_len(x.shape[dim], cp)
+    head, tail = rank, 2 * cp - 1 - rank
+    return torch.cat([x.narrow(dim, head * c, c), x.narrow(dim, tail * c, c)], dim=dim)
+
+
+def unshard_sequence(shards: torch.Tensor, cp: int, dim: int) -> torch.Tensor:
+    """The inverse of sharding, for shards concatenated in rank order along `dim` (an all-gather's output).
+
+    Rank r's halves are chunks r and 2*cp-1-r, so the heads in rank order are chunks 0..cp-1 and the tails
+    in reverse rank order are chunks cp..2*cp-1. Views, a flip and one cat: a backward with no scatter-add
+    (which would be non-deterministic on CUDA).
+    """
+    per_rank = shards.unflatten(dim, (cp, 2, -1))  # [..., rank, half, chunk_len, ...]
+    heads, tails = per_rank.select(dim + 1, 0), per_rank.select(dim + 1, 1).flip(dim)
+    return torch.cat([heads, tails], dim=dim).flatten(dim, dim + 1)
+
+
+class ContextParallelSDPA:
+    """Causal attention for a head-tail sharded sequence: a drop-in for `Attention.sdpa`.
+
+    q, k, v: [B, heads, local_len, head_dim], this rank's tokens in local order (heads repeated for GQA
+    in groups of `n_rep`, as `repeat_kv` does). Returns the attention output for the local queries.
+    """
+
+    def __init__(self, group: dist.ProcessGroup, seq_len: int, n_rep: int = 1, device=None):
+        self.group, self.n_rep = group, n_rep
+        self.cp, rank = dist.get_world_size(group), dist.get_rank(group)
+        self.chunk_len = _chunk_len(seq_len, self.cp)
+        self.seq_len = seq_len
+        # Global chunk index of each local half. Each half attends to the keys of chunks 0..j only; the
+        # causal mask on those is "lower right": query i of chunk j sees keys up to j*chunk_len + i. The
+        # masks depend only on the shape, so they are built once and shared by every layer (SDPA saves
+        # its mask for backward: one copy, not one per layer).
+        self.chunks = (rank, 2 * self.cp - 1 - rank)
+        c = self.chunk_len
+        self.masks = [
+            torch.ones(c, (j + 1) * c, dtype=torch.bool, device=device).tril(diagonal=j * c)
+            for j in self.chunks
+        ]
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if q.shape[2] != 2 * self.chunk_len:
+            raise ValueError(
+                f"context parallelism was set up for sequences of {self.seq_len} tokens "
+                f"({2 * self.chunk_len} per cp rank), but got {q.shape[2]} local tokens; "
+                "shard batches of training.seq_len tokens with shard_sequence"
+            )
+        # Gather one copy of each kv head, not the GQA repeats: n_rep times less traffic. Head h of the
+        # repeated tensor is kv head h // n_rep, so every n_rep-th head is one of each. Re-expanded after
+        # the gather; the expand's backward sums the gradients of all query heads that share a kv head.
+        kv = torch.stack([k[:, :: self.n_rep], v[:, :: self.n_rep]])  # [2, B, kv_heads, local, D]
+        kv = unshard_sequence(all_gather_single_autograd(kv, 3, self.group), self.cp, dim=3)
+        k_all, v_all = (_repeat_heads(t, self.n_rep) for t in kv.unbind(0))
+        c = self.chunk_len
+        outs = []
+        # One SDPA per local chunk, against only the keys it may see: (2*cp+1)*c^2 scores per rank instead
+        # of 4*cp*c^2 for all local queries against all keys.
+        for half, (j, mask) in enumerate(zip(self.chunks, self.masks)):
+            q_half = q.narrow(2, half * c, c)
+            visible = (j + 1) * c
+            outs.append(
+                F.scaled_dot_product_attention(
+                    q_half, k_all.narrow(2, 0, visible), v_all.narrow(2, 0, visible), attn_mask=mask
+                )
+            )
+        return torch.cat(outs, dim=2)
+
+
+def _repeat_heads(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[B, kv_heads, S, D] -> [B, kv_heads * n_rep, S, D], in `repeat_kv`'s order (head h reads h // n_rep)."""
+    if n_rep == 1:
+        return x
+    b, kv_heads, s, d = x.shape
+    return x[:, :, None].expand(b, kv_heads, n_rep, s, d).reshape(b, kv_heads * n_rep, s, d)
+
+
+def apply_cp(model: nn.Module, cp_mesh: DeviceMesh, seq_len: int) -> None:
+    """Make `model` attend across the cp group, and take its rotary angles at this rank's global positions.
+
+    Finds the Transformer and its Attention modules wherever they sit (inside activation-checkpoint or
+    torch.compile wrappers). Replaces each `attention.sdpa` and the `rope_cache` buffer; the model's
+    `rope_cache[:local_len]` then is exactly this rank's rows. Idempotent: both are rebuilt from scratch.
+    """
+    transformers = [m for m in model.modules() if isinstance(m, Transformer)]
+    if len(transformers) != 1:
+        raise ValueError(f"apply_cp expects one Transformer inside the model, found {len(transformers)}")
+    transformer = transformers[0]
+    device = transformer.rope_cache.device
+    if device.type == "meta":
+        raise RuntimeError("apply_cp needs a materialized model: call it after to_empty and init_weights")
+    if seq_len > transformer.args.max_seq_len:
+        raise ValueError(
+            f"training.seq_len={seq_len} is longer than the rotary table ({transformer.args.max_seq_len}); "
+            "raise model.max_seq_len"
+        )
+    cp, rank = cp_mesh.size(), cp_mesh.get_local_rank()
+    positions = cp_positions(seq_len, cp, rank)
+    # Rebuilt from the model's args rather than indexed out of the current buffer, so a second call (or a
+    # call before init_rope) gives the same table: row i holds the angles of global position positions[i].
+    transformer.rope_cache = rope_cache(transformer.args)[positions].to(device, transformer.rope_cache.dtype)
+    group = cp_mesh.get_group()
+    sdpa_by_rep: dict[int, ContextParallelSDPA] = {}
+    for module in model.modules():
+        if isinstance(module, Attention):
+            if module.n_rep not in sdpa_by_rep:
+                sdpa_by_rep[module.n_rep] = ContextParallelSDPA(group, seq_len, module.n_rep, device)
+            module.sdpa = sdpa_by_rep[module.n_rep]

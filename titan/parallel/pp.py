@@ -1,0 +1,232 @@
+"""Pipeline parallelism: torch.distributed.pipelining stages and schedules around titan's model parts.
+
+Three steps, in this order (the trainer's parallelisms go in the middle):
+1. `build_pipeline(...)` plans the stages and builds this rank's parts, meta-device `Transformer`s
+   (`pipeline.model_parts`);
+2. the trainer applies TP -> AC -> compile -> FSDP to each part, `to_empty`s and initialises it;
+3. `pipeline.build_schedule(device, loss_fn)` wraps the parts in `PipelineStage`s and the schedule;
+then `pipeline.step(inputs, labels, grad_scale=...)` once per optimizer step.
+
+Schedules (torch's names): GPipe and 1F1B run one stage per rank; Interleaved1F1B, LoopedBFS and
+InterleavedZeroBubble run `v` stages per rank in a loop (rank r holds stages r, r+pp, r+2pp, ...);
+ZBVZeroBubble and DualPipeV run two stages per rank in a V (rank r holds stages r and 2pp-1-r, so
+rank 0 holds both the first and the last stage).
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import get_schedule_class
+from torch.distributed.tensor import DTensor
+from torch.nn import Module
+
+from titan.config.schema import ParallelismConfig
+from titan.models.llama.model import ModelArgs
+from titan.models.llama.pipeline import build_stage_model, split_layers, stages_for_layers_per_stage
+
+SINGLE_STAGE = ("GPipe", "1F1B")
+LOOPED = ("Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble")
+V_SHAPED = ("ZBVZeroBubble", "DualPipeV")
+SCHEDULES = SINGLE_STAGE + LOOPED + V_SHAPED
+# Backward split into input-grad and weight-grad passes. torch 2.13 runs the weight pass outside
+# autograd's hooks, so FSDP never reduce-scatters those gradients: wrong gradients under FSDP/HSDP.
+SPLIT_BACKWARD = ("InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
+# Schedules that need a microbatch in flight for every stage: torch refuses fewer for 1F1B and
+# DualPipeV; ZBV silently plans max(2pp-1, n) microbatches, so fewer would deadlock or skip work.
+NEEDS_MICROBATCH_PER_STAGE = ("1F1B", "ZBVZeroBubble", "DualPipeV")
+
+
+@dataclass(frozen=True)
+class PipelinePlan:
+    """Where every stage lives and how the local batch is cut; pure data, no process group."""
+
+    schedule: str
+    pp: int
+    layers: list[list[int]]  # block indices of each stage, stage order
+    n_microbatches: int
+    microbatch_size: int  # sequences per forward: local batch / n_microbatches
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.layers)
+
+    def stage_ids(self, pp_rank: int) -> list[int]:
+        return stage_ids(self.schedule, pp_rank, self.pp, self.num_stages)
+
+
+def stage_ids(schedule: str, pp_rank: int, pp: int, num_stages: int) -> list[int]:
+    """The stages pipeline rank `pp_rank` holds, in the order the schedule expects them."""
+    if schedule in V_SHAPED:
+        return [pp_rank, num_stages - 1 - pp_rank]
+    return list(range(pp_rank, num_stages, pp))
+
+
+def plan_pipeline(args: ModelArgs, cfg: ParallelismConfig, *, local_batch: int) -> PipelinePlan:
+    """Check the pipeline keys against the model and the batch, and lay out the stages.
+
+    local_batch: sequences per optimizer step on one data-parallel rank (global batch / dp).
+    Stages: pp for GPipe and 1F1B, 2*pp for the looped and V schedules, or as many as
+    `parallelism.pp_layers_per_stage` makes (see `stages_for_layers_per_stage`).
+    Microbatches (`parallelism.pp_microbatches`, default: one per stage, the fewest that keep every
+    stage busy) split the local batch; each holds local_batch / n_microbatches sequences, which
+    replaces `training.micro_batch_size` under pipeline parallelism.
+    """
+    if cfg.pp_schedule not in SCHEDULES:
+        raise ValueError(f"parallelism.pp_schedule={cfg.pp_schedule!r} is not one of {', '.join(SCHEDULES)}")
+    if args.tie_embeddings and cfg.pp > 1:
+        raise ValueError(
+            f"model.tie_embeddings=true with parallelism.pp={cfg.pp}: the shared embedding/output tensor would "
+            "live on the first and the last stage; set model.tie_embeddings=false or parallelism.pp=1"
+        )
+    num_stages = _num_stages(args, cfg)
+    layers = split_layers(args.n_layers, num_stages, cfg.pp_layers_per_stage)
+
+    n_microbatches = cfg.pp_microbatches if cfg.pp_microbatches is not None else num_stages
+    if n_microbatches < 1:
+        raise ValueError(
+            f"parallelism.pp_microbatches={n_microbatches} must be >= 1 (or null: one per stage)"
+        )
+    if cfg.pp_schedule in NEEDS_MICROBATCH_PER_STAGE and n_microbatches < num_stages:
+        raise ValueError(
+            f"parallelism.pp_schedule={cfg.pp_schedule} needs at least one microbatch per stage, but "
+            f"parallelism.pp_microbatches={n_microbatches} < {num_stages} stages; raise it to >= {num_stages} "
+            "(or null)"
+        )
+    if local_batch % n_microbatches:
+        divisors = [d for d in range(num_stages, local_batch + 1) if local_batch % d == 0]
+        raise ValueError(
+            f"the local batch of {local_batch} sequences (training.global_batch_size / dp) does not split into "
+            f"parallelism.pp_microbatches={n_microbatches} equal microbatches; set parallelism.pp_microbatches "
+            f"to one of {divisors or [local_batch]} or change training.global_batch_size"
+        )
+    return PipelinePlan(cfg.pp_schedule, cfg.pp, layers, n_microbatches, local_batch // n_microbatches)
+
+
+def _num_stages(args: ModelArgs, cfg: ParallelismConfig) -> int:
+    per_rank = 1 if cfg.pp_schedule in SINGLE_STAGE else 2
+    if cfg.pp_layers_per_stage is None:
+        return per_rank * cfg.pp
+    num_stages = stages_for_layers_per_stage(args.n_layers, cfg.pp_layers_per_stage)
+    if cfg.pp_schedule in SINGLE_STAGE:
+        fits, want = num_stages == cfg.pp, f"exactly parallelism.pp={cfg.pp} stages"
+    elif cfg.pp_schedule in V_SHAPED:
+        fits, want = num_stages == 2 * cfg.pp, f"exactly 2 x parallelism.pp = {2 * cfg.pp} stages"
+    else:
+        fits, want = num_stages % cfg.pp == 0, f"a multiple of parallelism.pp={cfg.pp} stages"
+    if not fits:
+        raise ValueError(
+            f"parallelism.pp_layers_per_stage={cfg.pp_layers_per_stage} cuts model.n_layers={args.n_layers} "
+            f"(+ embedding and output, one layer each) into {num_stages} stages, but "
+            f"parallelism.pp_schedule={cfg.pp_schedule} needs {want}; change parallelism.pp_layers_per_stage "
+            "(null splits evenly)"
+        )
+    return num_stages
+
+
+class Pipeline:
+    """This rank's stages of the pipeline, and the schedule that runs them."""
+
+    def __init__(self, plan: PipelinePlan, args: ModelArgs, pp_mesh: DeviceMesh):
+        self.plan = plan
+        self.pp_mesh = pp_mesh
+        self.stage_ids = plan.stage_ids(pp_mesh.get_local_rank())
+        last = plan.num_stages - 1
+        # Meta-device parts: the trainer parallelises and materialises each one, and may replace an
+        # entry with its wrapped module before `build_schedule`.
+        self.model_parts: list[Module] = [
+            build_stage_model(args, plan.layers[s], first=s == 0, last=s == last) for s in self.stage_ids
+        ]
+        self.has_first_stage = 0 in self.stage_ids
+        self.has_last_stage = last in self.stage_ids
+        self.schedule = None
+        self._loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        self._device: torch.device | None = None
+        self._grad_scale = 1.0
+        self._loss_sums: list[torch.Tensor] = []
+
+    def build_schedule(
+        self, device: torch.device, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    ):
+        """Wrap the materialised parts in stages and build the schedule.
+
+        loss_fn(logits, labels) -> the microbatch's loss summed over its tokens (unscaled), e.g.
+        `cross_entropy_sum`; `step` multiplies it by its `grad_scale`.
+        """
+        if self.plan.schedule in SPLIT_BACKWARD and any(
+            isinstance(m, FSDPModule) for part in self.model_parts for m in part.modules()
+        ):
+            raise ValueError(
+                f"parallelism.pp_schedule={self.plan.schedule} splits backward into input and weight passes, "
+                "and torch's pipelining then skips FSDP's gradient reduction (wrong gradients); use "
+                "1F1B, GPipe, Interleaved1F1B or LoopedBFS with FSDP/HSDP, or dp_shard=1 and dp_replicate=1"
+            )
+        self._loss_fn, self._device = loss_fn, device
+        group = self.pp_mesh.get_group()
+        stages = [
+            PipelineStage(part, stage_id, self.plan.num_stages, device, group=group)
+            for part, stage_id in zip(self.model_parts, self.stage_ids, strict=True)
+        ]
+        schedule_class = get_schedule_class(self.plan.schedule)
+        # scale_grads=False: the loss is already a sum scaled by grad_scale (1 / tokens of the whole
+        # step, times dp), so microbatch gradients must add up, not be averaged over microbatches.
+        common = dict(n_microbatches=self.plan.n_microbatches, loss_fn=self._scaled_loss, scale_grads=False)
+        if self.plan.schedule in SINGLE_STAGE:
+            self.schedule = schedule_class(stages[0], **common)
+        else:
+            self.schedule = schedule_class(stages, **common)
+
+    def _scaled_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss_sum = self._loss_fn(logits, labels)
+        self._loss_sums.append(loss_sum.detach())
+        return loss_sum * self._grad_scale
+
+    def step(self, inputs: torch.Tensor, labels: torch.Tensor, *, grad_scale: float) -> torch.Tensor | None:
+        """Forward and backward over this rank's local batch (gradients accumulate into .grad).
+
+        Every rank of the pipeline passes the same batch; the first stage reads the inputs, the last
+        the labels. Each microbatch's backward starts from loss_fn(...) * grad_scale, so with
+        grad_scale = dp / global_tokens the gradients equal the single-process ones. Returns the
+        unscaled loss summed over the local batch on the rank holding the last stage, else None.
+        """
+        if self.schedule is None:
+            raise RuntimeError("call build_schedule(device, loss_fn) before step()")
+        device = self._device
+        self._grad_scale = grad_scale
+        self._loss_sums = []
+        args = (inputs.to(device),) if self.has_first_stage else ()
+        target = labels.to(device) if self.has_last_stage else None
+        self.schedule.step(*args, target=target, return_outputs=False)
+        if not self.has_last_stage:
+            return None
+        # On the first step torch infers the stages' shapes with one extra forward/backward of
+        # microbatch 0 (its loss included, not accumulated into .grad): the last n losses are the step's.
+        return torch.stack(self._loss_sums[-self.plan.n_microbatches :]).sum()
+
+
+def build_pipeline(
+    args: ModelArgs, cfg: ParallelismConfig, pp_mesh: DeviceMesh, *, local_batch: int
+) -> Pipeline:
+    """Plan the stages (raising on bad keys) and build this rank's meta-device model parts."""
+    if pp_mesh.size() != cfg.pp:
+        raise ValueError(f"the pp mesh has {pp_mesh.size()} ranks but parallelism.pp={cfg.pp}")
+    return Pipeline(plan_pipeline(args, cfg, local_batch=local_batch), args, pp_mesh)
+
+
+def grad_norm(model_parts: list[Module], pp_mesh: DeviceMesh) -> torch.Tensor:
+    """The L2 norm of all gradients of the whole model, on every rank of the pipeline.
+
+    Each part's gradients may be DTensors (FSDP, TP); `full_tensor` sums their squares over those
+    meshes, then the squares are summed over the pipeline ranks, each holding other blocks.
+    """
+    grads = [p.grad for part in model_parts for p in part.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    squares = norm.float() ** 2
+    dist.all_reduce(squares, group=pp_mesh.get_group())
+    return squares.sqrt()
