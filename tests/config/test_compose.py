@@ -23,13 +23,25 @@ REQUIRED = {
     "choice", [f"{g}={o}" for g in GROUPS for o in group_options(g)], ids=lambda c: c.replace("=", "-")
 )
 def test_every_option_composes_and_instantiates(choice):
-    cfg = build_run_config(compose_config([choice, *REQUIRED.get(choice, [])]))
-    assert isinstance(cfg, RunConfig)
     group, option = choice.split("=")
+    # Parallel layouts are validated at their own smallest world size, on a model they fit (tp8 needs 8 kv heads).
+    extra = [
+        "model=llama3_8b",
+        "training.seq_len=8192",
+        "training.global_batch_size=16",
+        "training.micro_batch_size=1",
+    ]
+    cfg = build_run_config(
+        compose_config([choice, *REQUIRED.get(choice, []), *(extra if group == "parallelism" else [])])
+    )
+    assert isinstance(cfg, RunConfig)
     if group != "experiment":  # an experiment is a delta over several groups, not a group of RunConfig
         assert dataclasses.is_dataclass(getattr(cfg, group))
-    if group == "parallelism" and option == "single":
-        validate(cfg.replace(cluster={"nproc_per_node": 1}), world=1)
+    if group == "parallelism":
+        p = cfg.parallelism
+        world = max(1, p.dp_replicate) * max(1, p.dp_shard) * p.cp * p.tp * p.pp
+        dims = validate(cfg, world=world)
+        assert (dims.cp, dims.tp, dims.pp) == (p.cp, p.tp, p.pp)
     elif group == "model" or group == "experiment":
         validate(cfg.replace(training={"seq_len": 256}), world=2)
     else:

@@ -26,7 +26,9 @@ def test_global_batch_not_divisible_names_keys_and_fix():
 
 def test_degrees_must_multiply_to_world_size():
     cfg = base().replace(parallelism={"dp_shard": 3})
-    with pytest.raises(ConfigError, match=r"dp_shard=3 x cp=1 x tp=1 x pp=1 = 3, but the world size .* is 4"):
+    with pytest.raises(
+        ConfigError, match=r"dp_replicate=1 x dp_shard=3 x cp=1 x tp=1 x pp=1 = 3, but the world size .* is 4"
+    ):
         validate(cfg, world=4)
 
 
@@ -112,3 +114,13 @@ def test_async_tp_wiring_turns_on_inductor_micro_pipelining(monkeypatch):
 
     enable_async_tp(FakeMesh())
     assert torch._inductor.config._micro_pipeline_tp is True and registered == ["tp-group"]
+
+
+def test_ddp_fills_dp_replicate():
+    dims = validate(base().replace(parallelism={"dp_replicate": -1, "dp_shard": 1}), world=4)
+    assert (dims.dp_replicate, dims.dp_shard, dims.dp) == (4, 1, 4)
+
+
+def test_only_one_degree_may_be_the_rest():
+    with pytest.raises(ConfigError, match="only one of dp_shard or dp_replicate may be -1"):
+        validate(base().replace(parallelism={"dp_replicate": -1, "dp_shard": -1}), world=4)

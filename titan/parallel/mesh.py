@@ -1,5 +1,6 @@
 """ParallelDims: the parallel degrees of a run, checked against the world size, and its device mesh."""
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -23,29 +24,34 @@ class ParallelDims:
 
     @classmethod
     def resolve(cls, cfg: ParallelismConfig, world_size: int) -> "ParallelDims":
-        """Fill in `dp_shard=-1` and check that the degrees multiply to the world size."""
-        fixed = {"dp_replicate": cfg.dp_replicate, "cp": cfg.cp, "tp": cfg.tp, "pp": cfg.pp}
-        for name, degree in fixed.items():
-            if degree < 1:
+        """Fill in the one degree given as -1 (dp_shard or dp_replicate) and check the product."""
+        degrees = {name: getattr(cfg, name) for name in ("dp_replicate", "dp_shard", "cp", "tp", "pp")}
+        free = [name for name, d in degrees.items() if d == -1]
+        if len(free) > 1 or (free and free[0] not in ("dp_replicate", "dp_shard")):
+            raise ValueError(
+                f"parallelism.{' and parallelism.'.join(free)} = -1: only one of dp_shard or dp_replicate "
+                f"may be -1 (the rest of the world size)"
+            )
+        for name, degree in degrees.items():
+            if degree < 1 and name not in free:
                 raise ValueError(f"parallelism.{name}={degree} must be >= 1")
-        others = cfg.dp_replicate * cfg.cp * cfg.tp * cfg.pp
-        dp_shard = cfg.dp_shard
-        if dp_shard == -1:
+        if free:
+            others = math.prod(d for name, d in degrees.items() if name != free[0])
             if world_size % others:
                 raise ValueError(
-                    f"parallelism.dp_replicate x cp x tp x pp = {others} does not divide the world size "
-                    f"{world_size} (cluster.nodes x cluster.nproc_per_node); change the degrees or the ranks"
+                    f"the degrees other than parallelism.{free[0]} multiply to {others}, which does not divide "
+                    f"the world size {world_size} (cluster.nodes x cluster.nproc_per_node); change the degrees "
+                    f"or the number of ranks"
                 )
-            dp_shard = world_size // others
-        if dp_shard < 1:
-            raise ValueError(f"parallelism.dp_shard={cfg.dp_shard} must be -1 (the rest) or >= 1")
-        if others * dp_shard != world_size:
+            degrees[free[0]] = world_size // others
+        product = math.prod(degrees.values())
+        if product != world_size:
+            shown = " x ".join(f"{name}={d}" for name, d in degrees.items())
             raise ValueError(
-                f"parallelism.dp_replicate={cfg.dp_replicate} x dp_shard={dp_shard} x cp={cfg.cp} x tp={cfg.tp} x "
-                f"pp={cfg.pp} = {others * dp_shard}, but the world size (cluster.nodes x cluster.nproc_per_node) "
+                f"parallelism {shown} = {product}, but the world size (cluster.nodes x cluster.nproc_per_node) "
                 f"is {world_size}; set parallelism.dp_shard=-1 or change cluster.nproc_per_node"
             )
-        return cls(dp_shard=dp_shard, world_size=world_size, **fixed)
+        return cls(world_size=world_size, **degrees)
 
     @property
     def dp(self) -> int:
