@@ -1,9 +1,10 @@
 """Weight initialization that gives the same weights under every parallel layout.
 
 A sharded parameter drawn with the global RNG gets values that depend on how it is sharded (torch's
-layout-independent DTensor RNG covers CUDA only). So for sharded models each initialization unit
-(embeddings, one block, norm, output) is drawn whole, on an unsharded twin, in the order a single
-device draws it, and each rank keeps its shard. Peak extra memory: one unit.
+layout-independent DTensor RNG covers CUDA only), and a pipeline stage drawing only its own layers
+would get another model. So for sharded models and stages each initialization unit (embeddings,
+one block, norm, output) is drawn whole, on an unsharded twin, in the order a single device draws
+it, and each rank keeps what it holds. Peak extra memory: one unit.
 """
 
 import torch
@@ -15,18 +16,29 @@ from titan.models.llama.model import ModelArgs, Transformer
 
 @torch.no_grad()
 def init_weights(model: Transformer, args: ModelArgs, *, seed: int, device: torch.device) -> None:
+    """Initialize `model` (a whole model or a pipeline stage, sharded or not) as one device would."""
     torch.manual_seed(seed)
-    if not any(isinstance(p, DTensor) for p in model.parameters()):
+    whole = model.tok_embeddings is not None and model.output is not None and len(model.layers) == args.n_layers
+    if whole and not any(isinstance(p, DTensor) for p in model.parameters()):
         model.init_weights(buffer_device=device)
         return
     model.init_rope(buffer_device=device)
+    units = {_name_of(model, unit): unit for unit, _ in model.weight_init_plan()}
     with torch.device("meta"):
         twin = Transformer(args)
-    for (twin_unit, init), (unit, _) in zip(twin.weight_init_plan(), model.weight_init_plan(), strict=True):
+    # Every unit of the whole model is drawn, also those of other pipeline stages, so the RNG
+    # sequence (and thus each unit's values) is the one a single device sees.
+    for twin_unit, init in twin.weight_init_plan():
         twin_unit.to_empty(device=device, recurse=True)
         init(twin_unit)
-        _copy_into(unit, twin_unit)
+        unit = units.get(_name_of(twin, twin_unit))
+        if unit is not None:
+            _copy_into(unit, twin_unit)
         twin_unit.to_empty(device="meta")
+
+
+def _name_of(model: nn.Module, unit: nn.Module) -> str:
+    return _unwrapped(next(name for name, m in model.named_modules() if m is unit))
 
 
 def _copy_into(unit: nn.Module, full: nn.Module) -> None:
