@@ -130,3 +130,49 @@ def test_multirun_sweep_with_the_basic_launcher(tmp_path):
     assert len(points) == 2 and all("optimizer.lr-" in p for p in points)
     for p in points:
         assert len(metrics(tmp_path / "sweeps" / "llama3_debug" / p)) == 2
+
+
+@pytest.mark.slow
+def test_torchrun_launches_the_same_run(tmp_path):
+    """Under torchrun every rank composes the same config and finds the same run directory."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "launch.py",
+            "training.steps=2",
+            *SMALL,
+            f"run.root={tmp_path}",
+            "run.name=torchrun",
+        ],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    run_dir = tmp_path / "llama3_debug" / "torchrun"
+    assert [m["step"] for m in metrics(run_dir)] == [1, 2]
+    assert (run_dir / "logs" / "rank1.log").exists() and (run_dir / "checkpoints" / "step-2").is_dir()
+
+
+@pytest.mark.slow
+def test_make_train(tmp_path):
+    """`make train` as the README shows it (shortened): the default layout, 2 ranks, the bundled data."""
+    args = " ".join(["training.steps=3", "metrics.log_freq=1", *SMALL, f"run.root={tmp_path}"])
+    proc = subprocess.run(
+        ["make", "train", f"ARGS={args}"],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (run_dir,) = (tmp_path / "llama3_debug").iterdir()
+    losses = [m["loss"] for m in metrics(run_dir)]
+    assert len(losses) == 3 and losses[0] == pytest.approx(7.74, abs=0.3)  # ln(2304) at the start
