@@ -35,8 +35,22 @@ def reference(tmp_path_factory):
         ({"dp_shard": 1, "tp": 2}, 2, 2),  # TP x2 with sequence and loss parallelism
         ({"dp_shard": 1, "tp": 2, "loss_parallel": False}, 2, 2),  # TP x2, replicated logits
         ({"dp_shard": 2, "tp": 2}, 4, 2),  # FSDP x2 x TP x2
+        ({"dp_shard": 1, "cp": 2}, 2, 2),  # CP x2 (FSDP over the cp ranks)
+        ({"dp_shard": 2, "cp": 2}, 4, 2),  # FSDP x2 x CP x2
+        ({"dp_shard": 1, "cp": 2, "tp": 2}, 4, 2),  # CP x2 x TP x2
     ],
-    ids=["fsdp2-accum2", "fsdp2-accum1", "ddp2", "hsdp2x2", "tp2", "tp2-no-loss-parallel", "fsdp2-tp2"],
+    ids=[
+        "fsdp2-accum2",
+        "fsdp2-accum1",
+        "ddp2",
+        "hsdp2x2",
+        "tp2",
+        "tp2-no-loss-parallel",
+        "fsdp2-tp2",
+        "cp2",
+        "fsdp2-cp2",
+        "cp2-tp2",
+    ],
 )
 def test_layout_matches_single_process(tmp_path, reference, layout, nproc, micro):
     ref_metrics, ref_model = reference

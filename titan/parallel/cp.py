@@ -1,6 +1,6 @@
 """Context parallelism: each cp rank holds a slice of every sequence; attention sees the whole sequence.
 
-Sharding is load-balanced as in the Llama 3 paper (section 3.3.2): the sequence is cut into 2*cp chunks
+Sharding is load-balanced as in the Llama 3 paper (Dubey et al., 2024): the sequence is cut into 2*cp chunks
 and cp rank r holds chunks r and 2*cp-1-r. Under a causal mask a late chunk does more attention work
 than an early one; a head-tail pair gives every rank the same amount.
 
@@ -76,7 +76,9 @@ class ContextParallelSDPA:
         # Global chunk index of each local half. Each half attends to the keys of chunks 0..j only; the
         # causal mask on those is "lower right": query i of chunk j sees keys up to j*chunk_len + i. The
         # masks depend only on the shape, so they are built once and shared by every layer (SDPA saves
-        # its mask for backward: one copy, not one per layer).
+        # its mask for backward: one copy, not one per layer). Cost: (2*cp+1)*c^2 bools per rank, 21 MB at
+        # seq_len 8192 and cp 2, 1.1 GB at 131072 and cp 8; on CUDA a dense mask also rules out the flash
+        # kernel (the memory-efficient one takes masks).
         self.chunks = (rank, 2 * self.cp - 1 - rank)
         c = self.chunk_len
         self.masks = [

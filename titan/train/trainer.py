@@ -21,6 +21,7 @@ from titan.data.loader import TrainLoader
 from titan.metrics import MetricsLogger
 from titan.models.llama.model import Transformer, flops_per_token
 from titan.models.llama.parallelize import parallelize_llama
+from titan.parallel.cp import apply_cp, shard_sequence
 from titan.parallel.fsdp import DTYPES
 from titan.parallel.init import init_weights
 from titan.parallel.mesh import ParallelDims, device_for
@@ -92,6 +93,9 @@ class Trainer:
         self.model = parallelize_llama(model, self.dims, self.meshes, cfg.training, cfg.parallelism)
         self.model.to_empty(device=self.device)
         init_weights(self.model, cfg.model, seed=cfg.training.seed, device=self.device)
+        self.cp_rank = self.meshes["cp"].get_local_rank()
+        if self.dims.cp > 1:  # needs the materialized rope table, so after init
+            apply_cp(self.model, self.meshes["cp"], cfg.training.seq_len)
         self.model.train()
         use_loss_parallel = self.dims.tp > 1 and cfg.parallelism.loss_parallel
         self.loss_parallel = loss_parallel if use_loss_parallel else contextlib.nullcontext
@@ -155,6 +159,8 @@ class Trainer:
         # d(sum of token losses)/dw / global_tokens.
         scale = self.meshes["loss"].size() / global_tokens
         loss_sum = torch.zeros((), device=self.device)
+        if self.dims.cp > 1:  # each context-parallel rank takes its load-balanced share of every sequence
+            inputs, labels = (shard_sequence(x, self.dims.cp, self.cp_rank) for x in (inputs, labels))
         for micro_inputs, micro_labels in zip(
             inputs.split(t.micro_batch_size), labels.split(t.micro_batch_size), strict=True
         ):
