@@ -21,7 +21,7 @@ from titan.config.schema import (
 
 TINY_MODEL = ModelArgs(
     dim=64,
-    n_layers=2,
+    n_layers=4,
     n_heads=4,
     n_kv_heads=2,
     vocab_size=2304,

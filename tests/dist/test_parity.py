@@ -38,6 +38,11 @@ def reference(tmp_path_factory):
         ({"dp_shard": 1, "cp": 2}, 2, 2),  # CP x2 (FSDP over the cp ranks)
         ({"dp_shard": 2, "cp": 2}, 4, 2),  # FSDP x2 x CP x2
         ({"dp_shard": 1, "cp": 2, "tp": 2}, 4, 2),  # CP x2 x TP x2
+        ({"dp_shard": 1, "pp": 2}, 2, 2),  # PP x2, 1F1B
+        ({"dp_shard": 1, "pp": 2, "pp_schedule": "Interleaved1F1B"}, 2, 2),  # 2 stages per rank
+        ({"dp_shard": 1, "pp": 2, "pp_schedule": "ZBVZeroBubble"}, 2, 2),  # zero bubble, V layout
+        ({"dp_shard": 2, "pp": 2}, 4, 2),  # PP x2 x FSDP x2
+        ({"dp_shard": 1, "pp": 2, "tp": 2}, 4, 2),  # PP x2 x TP x2
     ],
     ids=[
         "fsdp2-accum2",
@@ -50,6 +55,11 @@ def reference(tmp_path_factory):
         "cp2",
         "fsdp2-cp2",
         "cp2-tp2",
+        "pp2-1f1b",
+        "pp2-interleaved",
+        "pp2-zbv",
+        "pp2-fsdp2",
+        "pp2-tp2",
     ],
 )
 def test_layout_matches_single_process(tmp_path, reference, layout, nproc, micro):

@@ -127,6 +127,8 @@ def _check_model_parallel(errors: list[str], cfg: RunConfig, dims: ParallelDims)
             f"training.seq_len={t.seq_len} is not divisible by {what} = {balance}; "
             f"use a multiple of {balance}"
         )
+    if dims.pp > 1:
+        _check_pipeline(errors, cfg, dims)
     if p.async_tp:
         import torch
 
@@ -135,6 +137,34 @@ def _check_model_parallel(errors: list[str], cfg: RunConfig, dims: ParallelDims)
                 "parallelism.async_tp=true needs parallelism.tp > 1, training.compile=true and CUDA "
                 f"(got tp={dims.tp}, compile={t.compile}, cuda={torch.cuda.is_available()}); "
                 "set parallelism.async_tp=false"
+            )
+
+
+def _check_pipeline(errors: list[str], cfg: RunConfig, dims: ParallelDims) -> None:
+    from titan.parallel.pp import SPLIT_BACKWARD, plan_pipeline
+
+    p, t = cfg.parallelism, cfg.training
+    try:
+        plan_pipeline(cfg.model, p, local_batch=t.global_batch_size // dims.dp)
+    except ValueError as e:
+        errors.append(str(e))
+    if dims.ddp_enabled and not dims.fsdp_enabled:
+        errors.append(
+            "DDP (parallelism.dp_replicate > 1 with dp_shard=1) with parallelism.pp > 1 gives wrong gradients "
+            "(the pipeline's backward bypasses DDP's all-reduce hooks); use parallelism.dp_shard > 1 (FSDP or HSDP)"
+        )
+    if p.pp_schedule in SPLIT_BACKWARD:
+        if p.reshard_after_forward == "always" and dims.fsdp_enabled:
+            errors.append(
+                f"parallelism.pp_schedule={p.pp_schedule} with parallelism.reshard_after_forward=always loses "
+                "gradients (the separate weight-gradient pass runs after FSDP freed the parameters); use "
+                "reshard_after_forward=default or a non-zero-bubble schedule (1F1B, GPipe, Interleaved1F1B)"
+            )
+        if t.compile or t.ac == "op":
+            errors.append(
+                f"parallelism.pp_schedule={p.pp_schedule} runs backward in two passes, which compiled blocks and "
+                "training.ac=op refuse; set training.compile=false and training.ac to none, full or layer, or "
+                "use 1F1B, GPipe, Interleaved1F1B or LoopedBFS"
             )
 
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed._composable.replicate import replicate as ddp_replicate
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import PipelineStage
@@ -33,12 +35,14 @@ SINGLE_STAGE = ("GPipe", "1F1B")
 LOOPED = ("Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble")
 V_SHAPED = ("ZBVZeroBubble", "DualPipeV")
 SCHEDULES = SINGLE_STAGE + LOOPED + V_SHAPED
-# Backward split into input-grad and weight-grad passes. torch 2.13 runs the weight pass outside
-# autograd's hooks, so FSDP never reduce-scatters those gradients: wrong gradients under FSDP/HSDP.
+# Backward split into input-grad (I) and weight-grad (W) passes. The W pass runs outside FSDP's
+# backward hooks; gradients are right only while FSDP keeps the gathered parameters from forward
+# until the schedule's final reduce (reshard_after_forward off, the default under PP; tested).
+# Compiled blocks and op-level activation checkpointing refuse a second backward pass.
 SPLIT_BACKWARD = ("InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
-# Schedules that need a microbatch in flight for every stage: torch refuses fewer for 1F1B and
-# DualPipeV; ZBV silently plans max(2pp-1, n) microbatches, so fewer would deadlock or skip work.
-NEEDS_MICROBATCH_PER_STAGE = ("1F1B", "ZBVZeroBubble", "DualPipeV")
+# torch refuses fewer microbatches than stages for these (checked here, before any process group);
+# the others run with fewer (measured exact on 2 ranks down to one microbatch), only with more bubble.
+NEEDS_MICROBATCH_PER_STAGE = ("1F1B", "DualPipeV")
 
 
 @dataclass(frozen=True)
@@ -157,14 +161,7 @@ class Pipeline:
         loss_fn(logits, labels) -> the microbatch's loss summed over its tokens (unscaled), e.g.
         `cross_entropy_sum`; `step` multiplies it by its `grad_scale`.
         """
-        if self.plan.schedule in SPLIT_BACKWARD and any(
-            isinstance(m, FSDPModule) for part in self.model_parts for m in part.modules()
-        ):
-            raise ValueError(
-                f"parallelism.pp_schedule={self.plan.schedule} splits backward into input and weight passes, "
-                "and torch's pipelining then skips FSDP's gradient reduction (wrong gradients); use "
-                "1F1B, GPipe, Interleaved1F1B or LoopedBFS with FSDP/HSDP, or dp_shard=1 and dp_replicate=1"
-            )
+        self._check_parts(device)
         self._loss_fn, self._device = loss_fn, device
         group = self.pp_mesh.get_group()
         stages = [
@@ -179,6 +176,40 @@ class Pipeline:
             self.schedule = schedule_class(stages[0], **common)
         else:
             self.schedule = schedule_class(stages, **common)
+
+    def _check_parts(self, device: torch.device) -> None:
+        """Refuse the wrappings that torch's pipelining runs wrong or breaks on mid-step (each measured)."""
+        if self.plan.schedule in SPLIT_BACKWARD and any(
+            _runs_backward_once(part) for part in self.model_parts
+        ):
+            raise ValueError(
+                f"parallelism.pp_schedule={self.plan.schedule} runs backward in two passes, which compiled blocks "
+                "(donated buffers) and op-level activation checkpointing (backward once per region) refuse "
+                "mid-step; set training.compile=false and training.ac to none, full or layer, or use 1F1B, "
+                "GPipe, Interleaved1F1B or LoopedBFS"
+            )
+        if self.plan.schedule in SPLIT_BACKWARD and self._any_rank_reshards_after_forward(device):
+            raise ValueError(
+                f"parallelism.pp_schedule={self.plan.schedule} with FSDP resharding after forward "
+                "(parallelism.reshard_after_forward=always) loses gradients: the schedule's separate weight-grad "
+                "pass runs after FSDP has freed the gathered parameters. Set parallelism.reshard_after_forward="
+                "default (off under pipeline parallelism) or use 1F1B, GPipe, Interleaved1F1B or LoopedBFS"
+            )
+        if any(ddp_replicate.state(part) is not None for part in self.model_parts):
+            raise ValueError(
+                "DDP (parallelism.dp_replicate > 1 with dp_shard=1) through torch.distributed._composable.replicate "
+                "gives wrong gradients under pipeline parallelism: the schedule's backward bypasses its all-reduce "
+                "hooks. Replicate the parts with torch.distributed._composable.replicate_with_fsdp.replicate "
+                "(FSDP-based, exact) or shard them (dp_shard > 1)"
+            )
+
+    def _any_rank_reshards_after_forward(self, device: torch.device) -> bool:
+        # Decided together: a rank that refused alone would leave the others waiting in the schedule.
+        flag = torch.tensor(
+            float(any(_reshards_after_forward(part) for part in self.model_parts)), device=device
+        )
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.pp_mesh.get_group())
+        return bool(flag.item())
 
     def _scaled_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         loss_sum = self._loss_fn(logits, labels)
@@ -206,6 +237,26 @@ class Pipeline:
         # On the first step torch infers the stages' shapes with one extra forward/backward of
         # microbatch 0 (its loss included, not accumulated into .grad): the last n losses are the step's.
         return torch.stack(self._loss_sums[-self.plan.n_microbatches :]).sum()
+
+
+def _runs_backward_once(part: Module) -> bool:
+    # In-place `Module.compile` (titan's way) hides from torch's own check, which looks for
+    # OptimizedModule wrappers; op-level AC is a checkpoint wrapper given a context_fn.
+    return any(
+        getattr(m, "_compiled_call_impl", None) is not None
+        or (isinstance(m, CheckpointWrapper) and "context_fn" in m.checkpoint_fn.keywords)
+        for m in part.modules()
+    )
+
+
+def _reshards_after_forward(part: Module) -> bool:
+    # No public getter in torch 2.13: FSDP's param groups keep a post-forward mesh only when they reshard.
+    return any(
+        group._reshard_after_forward
+        for m in part.modules()
+        if isinstance(m, FSDPModule)
+        for group in m._get_fsdp_state()._fsdp_param_groups
+    )
 
 
 def build_pipeline(

@@ -72,3 +72,42 @@ def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: OptimizerConfig, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, total_steps))
+
+
+class Optimizers:
+    """One optimizer per model part (a pipeline rank may hold several stages), stepped together.
+
+    One per part, not one over all: DCP's optimizer state dict pairs an optimizer with one module.
+    """
+
+    def __init__(self, parts: list[nn.Module], cfg: OptimizerConfig, device: torch.device) -> None:
+        self.optimizers = [build_optimizer(part, cfg, device) for part in parts]
+
+    def step(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def zero_grad(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+
+
+class LRSchedulers:
+    """The same schedule on each optimizer; saved and restored as one (they are identical)."""
+
+    def __init__(self, optimizers: Optimizers, cfg: OptimizerConfig, total_steps: int) -> None:
+        self.schedulers = [build_scheduler(o, cfg, total_steps) for o in optimizers.optimizers]
+
+    def step(self) -> None:
+        for scheduler in self.schedulers:
+            scheduler.step()
+
+    def get_last_lr(self) -> list[float]:
+        return self.schedulers[0].get_last_lr()
+
+    def state_dict(self) -> dict:
+        return self.schedulers[0].state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        for scheduler in self.schedulers:
+            scheduler.load_state_dict(state)

@@ -25,8 +25,9 @@ from titan.parallel.cp import apply_cp, shard_sequence
 from titan.parallel.fsdp import DTYPES
 from titan.parallel.init import init_weights
 from titan.parallel.mesh import ParallelDims, device_for
+from titan.parallel.pp import build_pipeline, grad_norm
 from titan.train.loss import cross_entropy_sum
-from titan.train.optim import build_optimizer, build_scheduler
+from titan.train.optim import LRSchedulers, Optimizers
 
 log = logging.getLogger("titan")
 
@@ -88,15 +89,36 @@ class Trainer:
         self.meshes = self.dims.build_meshes(self.device.type)
         self.dp_rank, self.dp_degree = self.meshes["dp"].get_local_rank(), self.dims.dp
 
-        with torch.device("meta"):
-            model = Transformer(cfg.model)
-        self.model = parallelize_llama(model, self.dims, self.meshes, cfg.training, cfg.parallelism)
-        self.model.to_empty(device=self.device)
-        init_weights(self.model, cfg.model, seed=cfg.training.seed, device=self.device)
+        self.pipeline = None
+        if self.dims.pp > 1:
+            local_batch = cfg.training.global_batch_size // self.dp_degree
+            self.pipeline = build_pipeline(
+                cfg.model, cfg.parallelism, self.meshes["pp"], local_batch=local_batch
+            )
+            parts = self.pipeline.model_parts
+        else:
+            with torch.device("meta"):
+                parts = [Transformer(cfg.model)]
         self.cp_rank = self.meshes["cp"].get_local_rank()
-        if self.dims.cp > 1:  # needs the materialized rope table, so after init
-            apply_cp(self.model, self.meshes["cp"], cfg.training.seq_len)
-        self.model.train()
+        self.model_parts = []
+        for part in parts:
+            part = parallelize_llama(
+                part,
+                self.dims,
+                self.meshes,
+                cfg.training,
+                cfg.parallelism,
+                pipeline=self.pipeline is not None,
+            )
+            part.to_empty(device=self.device)
+            init_weights(part, cfg.model, seed=cfg.training.seed, device=self.device)
+            if self.dims.cp > 1:  # needs the materialized rope table, so after init
+                apply_cp(part, self.meshes["cp"], cfg.training.seq_len)
+            part.train()
+            self.model_parts.append(part)
+        if self.pipeline is not None:
+            self.pipeline.model_parts = self.model_parts
+            self.pipeline.build_schedule(self.device, cross_entropy_sum)
         use_loss_parallel = self.dims.tp > 1 and cfg.parallelism.loss_parallel
         self.loss_parallel = loss_parallel if use_loss_parallel else contextlib.nullcontext
         # Without FSDP the compute dtype comes from autocast; with FSDP from its MixedPrecisionPolicy.
@@ -106,8 +128,8 @@ class Trainer:
             else contextlib.nullcontext()
         )
 
-        self.optimizer = build_optimizer(self.model, cfg.optimizer, self.device)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optimizer, cfg.training.steps)
+        self.optimizers = Optimizers(self.model_parts, cfg.optimizer, self.device)
+        self.scheduler = LRSchedulers(self.optimizers, cfg.optimizer, cfg.training.steps)
         self.loader = TrainLoader(
             cfg.data,
             seq_len=cfg.training.seq_len,
@@ -118,8 +140,8 @@ class Trainer:
         self.checkpointer = Checkpointer(
             cfg.checkpoint,
             self.run_dir,
-            model_parts=[self.model],
-            optimizer=self.optimizer,
+            model_parts=self.model_parts,
+            optimizer=self.optimizers.optimizers,
             scheduler=self.scheduler,
             loader=self.loader if self._writes_loader_state() else _LoadOnly(self.loader),
         )
@@ -158,32 +180,38 @@ class Trainer:
         # tokens; scaling by their number turns the average into the sum, so every layout gets
         # d(sum of token losses)/dw / global_tokens.
         scale = self.meshes["loss"].size() / global_tokens
-        loss_sum = torch.zeros((), device=self.device)
         if self.dims.cp > 1:  # each context-parallel rank takes its load-balanced share of every sequence
             inputs, labels = (shard_sequence(x, self.dims.cp, self.cp_rank) for x in (inputs, labels))
-        for micro_inputs, micro_labels in zip(
-            inputs.split(t.micro_batch_size), labels.split(t.micro_batch_size), strict=True
-        ):
+        if self.pipeline is not None:
             with self.autocast, self.loss_parallel():
-                logits = self.model(micro_inputs.to(self.device))
-                micro_loss = cross_entropy_sum(logits, micro_labels.to(self.device))
-                (micro_loss * scale).backward()
-            loss_sum += _local(micro_loss.detach())
+                loss = self.pipeline.step(inputs, labels, grad_scale=scale)
+            # Only the last stage has the loss: the others add zero over the pipeline ranks.
+            loss_sum = _local(loss) if loss is not None else torch.zeros((), device=self.device)
+            dist.all_reduce(loss_sum, group=self.meshes["pp"].get_group())
+        else:
+            loss_sum = torch.zeros((), device=self.device)
+            for micro_inputs, micro_labels in zip(
+                inputs.split(t.micro_batch_size), labels.split(t.micro_batch_size), strict=True
+            ):
+                with self.autocast, self.loss_parallel():
+                    logits = self.model_parts[0](micro_inputs.to(self.device))
+                    micro_loss = cross_entropy_sum(logits, micro_labels.to(self.device))
+                    (micro_loss * scale).backward()
+                loss_sum += _local(micro_loss.detach())
 
         grad_norm = self._clip_grad_norm()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizers.step()
+        self.optimizers.zero_grad()
         self.scheduler.step()
 
         dist.all_reduce(loss_sum, group=self.meshes["loss"].get_group())  # each summed its own tokens
         return loss_sum.item() / global_tokens, grad_norm
 
     def _clip_grad_norm(self) -> float:
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()  # sums the squares of every shard: the true global norm
+        """The true global norm over FSDP, TP and PP shards; clips in place when training.max_norm > 0."""
+        norm = grad_norm(self.model_parts, self.meshes["pp"])
         if self.cfg.training.max_norm > 0:
+            grads = [p.grad for part in self.model_parts for p in part.parameters() if p.grad is not None]
             torch.nn.utils.clip_grads_with_norm_(grads, self.cfg.training.max_norm, norm, foreach=True)
         return norm.item()
 

@@ -20,7 +20,10 @@ def parallelize_llama(
     meshes: dict[str, DeviceMesh],
     training: TrainingConfig,
     parallelism: ParallelismConfig,
+    *,
+    pipeline: bool = False,
 ) -> Transformer:
+    """`model` is a whole Transformer or one pipeline stage of it (on the meta device)."""
     if dims.tp > 1:
         apply_tp(model, meshes["tp"], loss_parallel=parallelism.loss_parallel)
         if parallelism.async_tp:
@@ -37,6 +40,7 @@ def parallelize_llama(
             reduce_dtype=training.reduce_dtype,
             reshard_after_forward=parallelism.reshard_after_forward,
             cpu_offload=parallelism.cpu_offload,
+            pipeline=pipeline,
         )
     elif dims.ddp_enabled:
         apply_ddp(model, meshes["dp_replicate"])
