@@ -22,8 +22,8 @@ from titan.config.schema import (
 TINY_MODEL = ModelArgs(
     dim=64,
     n_layers=4,
-    n_heads=4,
-    n_kv_heads=2,
+    n_heads=8,
+    n_kv_heads=4,
     vocab_size=2304,
     ffn_dim=128,
     rope_scaling_factor=8.0,

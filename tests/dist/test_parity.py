@@ -7,8 +7,12 @@ anything systematic (a wrong gradient scale, a skipped micro-batch, another data
 sharding) shows up as a difference of percents.
 """
 
+import math
+from pathlib import Path
+
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from tests.utils import read_metrics, read_model, tiny_config
 from titan.cluster.local import launch_local
@@ -16,6 +20,8 @@ from titan.cluster.local import launch_local
 pytestmark = pytest.mark.slow
 
 STEPS = 3
+REPO = Path(__file__).resolve().parents[2]
+DEGREES = ("dp_replicate", "dp_shard", "cp", "tp", "pp")
 
 
 @pytest.fixture(scope="module")
@@ -25,44 +31,44 @@ def reference(tmp_path_factory):
     return read_metrics(run_dir), read_model(run_dir, STEPS)
 
 
-@pytest.mark.parametrize(
-    "layout,nproc,micro",
-    [
-        ({"dp_shard": -1}, 2, 2),  # FSDP x2, 2 micro-batches of accumulation per rank
-        ({"dp_shard": -1}, 2, 4),  # FSDP x2, no accumulation
-        ({"dp_shard": 1, "dp_replicate": 2}, 2, 2),  # DDP x2
-        ({"dp_shard": 2, "dp_replicate": 2}, 4, 2),  # HSDP 2x2
-        ({"dp_shard": 1, "tp": 2}, 2, 2),  # TP x2 with sequence and loss parallelism
-        ({"dp_shard": 1, "tp": 2, "loss_parallel": False}, 2, 2),  # TP x2, replicated logits
-        ({"dp_shard": 2, "tp": 2}, 4, 2),  # FSDP x2 x TP x2
-        ({"dp_shard": 1, "cp": 2}, 2, 2),  # CP x2 (FSDP over the cp ranks)
-        ({"dp_shard": 2, "cp": 2}, 4, 2),  # FSDP x2 x CP x2
-        ({"dp_shard": 1, "cp": 2, "tp": 2}, 4, 2),  # CP x2 x TP x2
-        ({"dp_shard": 1, "pp": 2}, 2, 2),  # PP x2, 1F1B
-        ({"dp_shard": 1, "pp": 2, "pp_schedule": "Interleaved1F1B"}, 2, 2),  # 2 stages per rank
-        ({"dp_shard": 1, "pp": 2, "pp_schedule": "ZBVZeroBubble"}, 2, 2),  # zero bubble, V layout
-        ({"dp_shard": 2, "pp": 2}, 4, 2),  # PP x2 x FSDP x2
-        ({"dp_shard": 1, "pp": 2, "tp": 2}, 4, 2),  # PP x2 x TP x2
-    ],
-    ids=[
-        "fsdp2-accum2",
-        "fsdp2-accum1",
-        "ddp2",
-        "hsdp2x2",
-        "tp2",
-        "tp2-no-loss-parallel",
-        "fsdp2-tp2",
-        "cp2",
-        "fsdp2-cp2",
-        "cp2-tp2",
-        "pp2-1f1b",
-        "pp2-interleaved",
-        "pp2-zbv",
-        "pp2-fsdp2",
-        "pp2-tp2",
-    ],
-)
-def test_layout_matches_single_process(tmp_path, reference, layout, nproc, micro):
+MAX_RANKS = 4  # what the 2-core test machines run in reasonable time
+
+
+def option_layouts() -> list[tuple[str, dict, int]]:
+    """Every option of conf/parallelism at the smallest world size that exercises it on <= 4 ranks.
+
+    dp_shard=-1 becomes 2 where the other degrees leave room (so FSDP really shards); options that
+    name more than 4 ranks of model parallelism have their largest degree halved until they fit.
+    """
+    layouts = []
+    for path in sorted((REPO / "conf" / "parallelism").glob("*.yaml")):
+        node = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(path)).items() if k != "_target_"}
+        if path.stem == "single":
+            continue  # the reference itself
+        while math.prod(max(1, node[d]) for d in DEGREES) > MAX_RANKS:
+            largest = max(("tp", "cp", "pp"), key=lambda d: node[d])
+            node[largest] //= 2
+        fixed = math.prod(max(1, node[d]) for d in DEGREES)
+        for free in ("dp_shard", "dp_replicate"):
+            if node[free] == -1:
+                node[free] = 2 if fixed * 2 <= MAX_RANKS else 1
+        layouts.append((path.stem, node, math.prod(node[d] for d in DEGREES)))
+    return layouts
+
+
+# Variants beyond the options: accumulation, replicated logits, other pipeline schedules.
+VARIANTS = [
+    ("fsdp-no-accumulation", {"dp_shard": 2}, 2, 4),
+    ("tp2-replicated-logits", {"dp_shard": 1, "tp": 2, "loss_parallel": False}, 2, 2),
+    ("pp2-interleaved1f1b", {"dp_shard": 1, "pp": 2, "pp_schedule": "Interleaved1F1B"}, 2, 2),
+    ("pp2-zbv", {"dp_shard": 1, "pp": 2, "pp_schedule": "ZBVZeroBubble"}, 2, 2),
+    ("pp2-gpipe-tp2", {"dp_shard": 1, "pp": 2, "tp": 2, "pp_schedule": "GPipe"}, 4, 2),
+]
+CASES = [(name, layout, nproc, 2) for name, layout, nproc in option_layouts()] + VARIANTS
+
+
+@pytest.mark.parametrize("name,layout,nproc,micro", CASES, ids=[case[0] for case in CASES])
+def test_layout_matches_single_process(tmp_path, reference, name, layout, nproc, micro):
     ref_metrics, ref_model = reference
     cfg = tiny_config(tmp_path, steps=STEPS, parallelism=layout, training={"micro_batch_size": micro})
     launch_local(cfg, nproc=nproc)
