@@ -52,8 +52,9 @@ def test_non_finite_loss_stops_with_the_step_and_checkpoint(tmp_path):
         {"ac": "layer", "ac_layer_freq": 2},
         {"ac": "op"},
         {"compile": True, "compile_backend": "aot_eager"},
+        pytest.param({"compile": True, "compile_backend": "inductor", "ac": "op"}, marks=pytest.mark.slow),
     ],
-    ids=["ac-full", "ac-layer", "ac-op", "compile-aot_eager"],
+    ids=["ac-full", "ac-layer", "ac-op", "compile-aot_eager", "compile-inductor-ac-op"],
 )
 def test_memory_and_speed_options_leave_training_unchanged(tmp_path, training):
     """Recomputing activations or compiling must not change the math (fp32: within a few ulp)."""
