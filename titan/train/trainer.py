@@ -73,6 +73,32 @@ def set_determinism(seed: int, deterministic: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
+def build_model(cfg: RunConfig, dims: ParallelDims, meshes: dict, device: torch.device):
+    """This rank's model parts (the whole model, or its pipeline stages), parallelized, materialized
+    and initialized; and the pipeline that runs them (None without PP)."""
+    pipeline = None
+    if dims.pp > 1:
+        local_batch = cfg.training.global_batch_size // dims.dp
+        pipeline = build_pipeline(cfg.model, cfg.parallelism, meshes["pp"], local_batch=local_batch)
+        parts = pipeline.model_parts
+    else:
+        with torch.device("meta"):
+            parts = [Transformer(cfg.model)]
+    for i, part in enumerate(parts):
+        part = parallelize_llama(
+            part, dims, meshes, cfg.training, cfg.parallelism, pipeline=pipeline is not None
+        )
+        part.to_empty(device=device)
+        init_weights(part, cfg.model, seed=cfg.training.seed, device=device)
+        if dims.cp > 1:  # needs the materialized rope table, so after init
+            apply_cp(part, meshes["cp"], cfg.training.seq_len)
+        part.train()
+        parts[i] = part
+    if pipeline is not None:
+        pipeline.build_schedule(device, cross_entropy_sum)
+    return parts, pipeline
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -89,36 +115,8 @@ class Trainer:
         self.meshes = self.dims.build_meshes(self.device.type)
         self.dp_rank, self.dp_degree = self.meshes["dp"].get_local_rank(), self.dims.dp
 
-        self.pipeline = None
-        if self.dims.pp > 1:
-            local_batch = cfg.training.global_batch_size // self.dp_degree
-            self.pipeline = build_pipeline(
-                cfg.model, cfg.parallelism, self.meshes["pp"], local_batch=local_batch
-            )
-            parts = self.pipeline.model_parts
-        else:
-            with torch.device("meta"):
-                parts = [Transformer(cfg.model)]
         self.cp_rank = self.meshes["cp"].get_local_rank()
-        self.model_parts = []
-        for part in parts:
-            part = parallelize_llama(
-                part,
-                self.dims,
-                self.meshes,
-                cfg.training,
-                cfg.parallelism,
-                pipeline=self.pipeline is not None,
-            )
-            part.to_empty(device=self.device)
-            init_weights(part, cfg.model, seed=cfg.training.seed, device=self.device)
-            if self.dims.cp > 1:  # needs the materialized rope table, so after init
-                apply_cp(part, self.meshes["cp"], cfg.training.seq_len)
-            part.train()
-            self.model_parts.append(part)
-        if self.pipeline is not None:
-            self.pipeline.model_parts = self.model_parts
-            self.pipeline.build_schedule(self.device, cross_entropy_sum)
+        self.model_parts, self.pipeline = build_model(cfg, self.dims, self.meshes, self.device)
         use_loss_parallel = self.dims.tp > 1 and cfg.parallelism.loss_parallel
         self.loss_parallel = loss_parallel if use_loss_parallel else contextlib.nullcontext
         # Without FSDP the compute dtype comes from autocast; with FSDP from its MixedPrecisionPolicy.
