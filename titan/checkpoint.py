@@ -1,61 +1,174 @@
-"""Distributed checkpoints (DCP) of a run, committed atomically, found again by scanning.
+"""Distributed checkpoints (DCP) of a run: saved in the background, committed atomically, found again
+by scanning, loaded onto any parallel layout.
 
-A save writes `checkpoints/step-N.partial/` and rank 0 renames it to `checkpoints/step-N/` once every
-rank has finished, so a directory named `step-N` is always complete: a crash mid-save leaves only a
-`.partial` directory, which resume skips with a warning.
+A save writes `step-N.partial/` and rank 0 renames it to `step-N/` once every rank's data and the
+metadata are on disk, so a directory named `step-N` is always complete: a crash mid-save leaves only
+a `.partial` directory, which resume skips with a warning. Checkpoints live in `<run dir>/checkpoints`
+or in `checkpoint.folder` (a relative folder is taken relative to the run dir).
 
 Layout of one step directory:
   `*.distcp`, `.metadata`      model and optimizer (DCP; reshardable to any layout)
-  `train_state.json`           step, tokens seen, LR schedule (rank 0)
+  `train_state.json`           step, tokens seen, LR schedule, whether the model is all it holds (rank 0)
+  `model.json`                 the model's hyper-parameters (ModelArgs), for conversions (rank 0)
   `loader/stream-NNNNN.json`   each logical data stream's position (written by the rank that owns it)
   `rng/rank-NNNNN.json`        each rank's torch RNG state
-Non-tensor state is JSON so that loading it never unpickles anything. DCP's own `.metadata` file is
-a pickle: load checkpoints only from sources you trust.
+titan's own non-tensor state is JSON, so reading it never unpickles anything; DCP's `.metadata` file
+and the optimizer's hyper-parameters inside DCP are pickles: load checkpoints only from sources you
+trust.
+
+Modes: `sync` writes before training goes on; `thread` and `process` copy the state to CPU memory
+(pinned on CUDA) and write it in a background thread or process, over a gloo group of their own. At
+most one save is in flight. The main thread never waits on the background: at each step boundary
+while a save is in flight, the ranks agree (one small all-reduce on a second gloo group) whether
+every rank has finished; then rank 0 commits, and older checkpoints are purged in a background
+thread. A failed save fails loudly on every rank at the same step.
 """
 
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import datetime
 import json
 import logging
 import os
 import re
 import shutil
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from titan.config.schema import CheckpointConfig
 
 log = logging.getLogger("titan")
 
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+MODES = ("sync", "thread", "process")
+PARTS = ("model", "optimizer", "lr_scheduler", "dataloader", "train_state")
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ON_ERROR = ("raise", "warn")
+
 PARTIAL_SUFFIX = ".partial"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_PARTIAL_DIR = re.compile(r"^step-(\d+)\.partial$")
+# A checkpoint being purged is renamed first, so a crash mid-delete never leaves a damaged `step-N`.
+PURGING_SUFFIX = ".purging"
+# Flattened optimizer state ("state.<param name>.exp_avg"): keyed by parameter name only, so it loads
+# into any layout, also one where each pipeline stage holds only some of the parameters.
+_OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+# The main thread's agreement group waits for rank 0's Hugging Face export at the end of a run.
+_CONTROL_TIMEOUT = datetime.timedelta(hours=2)
+# DCP reports a failure on any rank as a CheckpointException, which derives from BaseException.
+_ERRORS = (Exception, CheckpointException)
+
+
+def _now() -> float:
+    """Rank 0's clock for `checkpoint.interval_s` (a function, so tests can replace it)."""
+    return time.monotonic()
+
+
+class CheckpointLoadError(RuntimeError):
+    """A checkpoint that cannot be loaded; the message names the path, what differs and the fix."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A save that failed (on any rank); the previous checkpoint is left complete."""
+
+
+def checkpoint_folder(run_dir: Path | str, folder: str | None) -> Path:
+    """`checkpoint.folder`, or `<run dir>/checkpoints`; a relative folder is relative to the run dir."""
+    if not folder:
+        return Path(run_dir) / "checkpoints"
+    return Path(run_dir) / folder if not Path(folder).is_absolute() else Path(folder)
 
 
 def step_dir(folder: Path, step: int) -> Path:
-    return folder / f"step-{step}"
+    return Path(folder) / f"step-{step}"
+
+
+def _scan(folder: Path) -> tuple[list[int], dict[int, Path]]:
+    """(complete steps ascending, {step: its interrupted `.partial` directory})."""
+    if not Path(folder).is_dir():
+        return [], {}
+    steps, partial = [], {}
+    for entry in Path(folder).iterdir():
+        if m := _PARTIAL_DIR.match(entry.name):
+            partial[int(m.group(1))] = entry
+        elif (m := _STEP_DIR.match(entry.name)) and entry.is_dir():
+            steps.append(int(m.group(1)))
+    return sorted(steps), dict(sorted(partial.items()))
 
 
 def complete_steps(folder: Path) -> list[int]:
     """Steps with a complete checkpoint, ascending. Warns about partial (interrupted) saves."""
-    if not folder.is_dir():
-        return []
-    steps = []
-    for entry in folder.iterdir():
-        if entry.name.endswith(PARTIAL_SUFFIX):
-            log.warning("skipping incomplete checkpoint %s (a save that did not finish)", entry)
-        elif (m := _STEP_DIR.match(entry.name)) and entry.is_dir():
-            steps.append(int(m.group(1)))
-    return sorted(steps)
+    steps, partial = _scan(folder)
+    for entry in partial.values():
+        log.warning("skipping incomplete checkpoint %s (a save that did not finish)", entry)
+    return steps
+
+
+def config_problems(cfg: CheckpointConfig) -> list[str]:
+    """Every problem with the checkpoint keys, each naming the key and the valid values."""
+    problems = []
+    if cfg.mode not in MODES:
+        problems.append(f"checkpoint.mode={cfg.mode!r} is not one of {', '.join(MODES)}")
+    if cfg.on_error not in ON_ERROR:
+        problems.append(f"checkpoint.on_error={cfg.on_error!r} is not one of {', '.join(ON_ERROR)}")
+    if cfg.export_dtype not in EXPORT_DTYPES:
+        problems.append(
+            f"checkpoint.export_dtype={cfg.export_dtype!r} is not one of {', '.join(EXPORT_DTYPES)}"
+        )
+    unknown = [p for p in cfg.exclude_from_loading if p not in PARTS]
+    if unknown:
+        problems.append(f"checkpoint.exclude_from_loading={unknown} may only name {', '.join(PARTS)}")
+    if cfg.interval < 1:
+        problems.append(f"checkpoint.interval={cfg.interval} must be >= 1")
+    if cfg.interval_s < 0:
+        problems.append(f"checkpoint.interval_s={cfg.interval_s} must be >= 0 (0: off)")
+    if cfg.keep_latest_k < 0:
+        problems.append(f"checkpoint.keep_latest_k={cfg.keep_latest_k} must be >= 0 (0 keeps all)")
+    if cfg.load_step is not None and cfg.load_step < 0:
+        problems.append(f"checkpoint.load_step={cfg.load_step} must be >= 0 or null (the newest)")
+    if cfg.export_hf and not cfg.enable:
+        problems.append("checkpoint.export_hf=true exports the final checkpoint: set checkpoint.enable=true")
+    return problems
 
 
 def _write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj))
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable (the directory entry itself is data)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _rng_state() -> dict:
@@ -71,79 +184,554 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
+def _flat_keys(state: dict, prefix: str = "") -> dict[str, Any]:
+    """DCP's names for the leaves of a nested state dict ("model.layers.0.attention.wq.weight")."""
+    out = {}
+    for key, value in state.items():
+        if isinstance(value, dict):
+            out.update(_flat_keys(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _shape(value: Any) -> list[int] | None:
+    return list(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def read_metadata(path: Path):
+    """DCP's metadata of a step directory (a pickle: see the module docstring)."""
+    if not (Path(path) / ".metadata").is_file():
+        raise FileNotFoundError(f"{path} has no .metadata file")
+    return FileSystemReader(str(path)).read_metadata()
+
+
+def compare_with_checkpoint(path: Path, state: dict, *, group=None) -> list[str]:
+    """What differs between a state dict to load and a checkpoint's metadata, one line per tensor.
+
+    Every tensor to load must be in the checkpoint with the same global shape, and the checkpoint
+    must hold no model tensor that the model lacks (DCP would silently leave it out). With a process
+    group the ranks pool what they hold (a pipeline stage holds some of the model) and all get the
+    same answer.
+    """
+    saved = read_metadata(path).state_dict_metadata
+    wanted = _flat_keys(state)
+    lines = []
+    for key, value in wanted.items():
+        if key not in saved:
+            lines.append(f"{key}: not in the checkpoint")
+        elif isinstance(value, torch.Tensor):
+            meta = saved[key]
+            if not isinstance(meta, TensorStorageMetadata):
+                lines.append(f"{key}: the checkpoint holds a non-tensor value")
+            elif list(meta.size) != _shape(value):
+                lines.append(f"{key}: saved shape {list(meta.size)}, this run's {_shape(value)}")
+    held = [key for key in wanted if key.startswith("model.")]
+    if group is not None:
+        everyone: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(everyone, (lines, held), group=group)
+        lines = list(dict.fromkeys(line for rank_lines, _ in everyone for line in rank_lines))
+        held = [key for _, rank_held in everyone for key in rank_held]
+    if held:
+        held_set = set(held)
+        lines += [
+            f"{key}: in the checkpoint, not in this model"
+            for key in saved
+            if key.startswith("model.") and key not in held_set
+        ]
+    return lines
+
+
+def _model_args_diff(path: Path, model) -> list[str]:
+    """ModelArgs fields that differ from those the checkpoint was saved with (its model.json)."""
+    args = getattr(model, "args", None)
+    file = Path(path) / "model.json"
+    if args is None or not file.is_file():
+        return []
+    saved, current = json.loads(file.read_text()), dataclasses.asdict(args)
+    return [
+        f"model.{k}: saved {saved.get(k)!r}, this run {current.get(k)!r}"
+        for k in current
+        if saved.get(k) != current.get(k)
+    ]
+
+
+@dataclass
+class _PendingSave:
+    step: int
+    partial: Path
+    future: concurrent.futures.Future
+    started_s: float
+
+
 class Checkpointer:
     """Saves and restores model, optimizer, LR schedule, data loader, train state and RNG.
 
     The trainer calls `load()` once before training, `maybe_save()` after every step, `save()` when it
-    must stop early (preemption), and `close()` at the end.
+    must stop early (preemption), and `close()` at the end. `model_parts` are this rank's modules (one,
+    or one per pipeline stage); `optimizer` is one optimizer, or one per part.
     """
 
     def __init__(
         self, cfg: CheckpointConfig, run_dir: Path, *, model_parts: list, optimizer, scheduler, loader
     ) -> None:
+        problems = config_problems(cfg)
+        if problems:
+            raise ValueError("; ".join(problems))
         self.cfg = cfg
-        self.folder = Path(cfg.folder) if cfg.folder else Path(run_dir) / "checkpoints"
-        self.model = model_parts[0]  # one part per rank until pipeline stages come
-        self.optimizer, self.scheduler, self.loader = optimizer, scheduler, loader
+        self.folder = checkpoint_folder(run_dir, cfg.folder)
+        self.model_parts = list(model_parts)
+        self.optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+        if len(self.optimizers) != len(self.model_parts):
+            raise ValueError(f"{len(self.model_parts)} model parts but {len(self.optimizers)} optimizers")
+        self.model = self.model_parts[0]
+        self.scheduler, self.loader = scheduler, loader
         self.rank = dist.get_rank()
+        # The main thread's collectives (agreement on finished or failed saves) and the background
+        # save's collectives each get a gloo group: two threads must never share one group, and
+        # neither may share the training's (NCCL) group.
+        self._control = dist.new_group(backend="gloo", timeout=_CONTROL_TIMEOUT)
+        self._background = dist.new_group(backend="gloo") if cfg.mode != "sync" else None
+        self._stager = None
+        if cfg.mode != "sync":
+            # Pinned CPU memory speeds up the copy from the GPU; shared memory hands the copy to the
+            # background process without pickling it. Staging is synchronous: the optimizer must
+            # not change a tensor while it is copied.
+            self._stager = DefaultStager(
+                StagingOptions(
+                    use_pinned_memory=torch.cuda.is_available(),
+                    use_shared_memory=cfg.mode == "process",
+                    use_async_staging=False,
+                    use_non_blocking_copy=False,
+                )
+            )
+        self._pending: _PendingSave | None = None
+        self._purger: threading.Thread | None = None
+        self._last_save_s = _now()
+        self.last_stall_s = 0.0  # how long the latest save held the training loop (benchmarks)
+
+    # ----------------------------------------------------------------------------------- saving
 
     def maybe_save(self, step: int, train_state: dict, *, last: bool) -> None:
-        if self.cfg.enable and (last or step % self.cfg.interval == 0):
+        due_by_time = self._step_boundary()
+        if last:
+            if self.cfg.enable:
+                self.save(step, train_state, final=True)
+            if self.cfg.export_hf:
+                self._export_hf(step)
+        elif self.cfg.enable and (step % self.cfg.interval == 0 or due_by_time):
             self.save(step, train_state)
 
-    def save(self, step: int, train_state: dict) -> Path:
-        final = step_dir(self.folder, step)
-        partial = final.with_name(final.name + PARTIAL_SUFFIX)
+    def save(self, step: int, train_state: dict, *, final: bool = False) -> Path | None:
+        """Start a save of this step (waiting first for the one in flight); returns its final path,
+        or None with checkpoint.enable=false. With mode=sync, or when `final`, it is committed on return.
+        """
+        if not self.cfg.enable:
+            return None
+        start = time.perf_counter()
+        self.wait()
+        self._last_save_s = _now()
+        model_only = final and self.cfg.model_only
+        partial = step_dir(self.folder, step).with_name(f"step-{step}{PARTIAL_SUFFIX}")
+        error, state = None, None
         if self.rank == 0:
-            shutil.rmtree(partial, ignore_errors=True)  # left over from an interrupted save of this step
-            partial.mkdir(parents=True)
-        dist.barrier()
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=partial)
+            try:
+                shutil.rmtree(partial, ignore_errors=True)  # left over from an interrupted save of this step
+                partial.mkdir(parents=True)
+            except _ERRORS as e:
+                error = e
+        # Also the barrier after which every rank finds the directory.
+        if self._failures(error, step, partial):
+            return None
+        try:
+            self._write_side_files(partial, step, train_state, model_only)
+            state = self._save_state(model_only)
+        except _ERRORS as e:
+            error = e
+        if self._failures(error, step, partial):
+            return None
+
+        writing_from = time.perf_counter()
+        self._pending = _PendingSave(step, partial, self._start_write(state, partial), writing_from)
+        if self.cfg.mode == "sync" or final:
+            self.wait()
+        self.last_stall_s = time.perf_counter() - start
+        return step_dir(self.folder, step)
+
+    def _start_write(self, state: dict, partial: Path) -> concurrent.futures.Future:
+        """Write the tensors: now (sync), or from a CPU copy in a background thread or process."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            if self.cfg.mode == "sync":
+                dcp.save(state, checkpoint_id=partial)
+                future.set_result(None)
+                return future
+            return dcp.async_save(
+                state,
+                checkpoint_id=partial,
+                process_group=self._background,
+                async_checkpointer_type=AsyncCheckpointerType(self.cfg.mode),
+                async_stager=self._stager,
+            )
+        except _ERRORS as e:  # also a failed copy to CPU memory: nothing is in flight then
+            future.set_exception(e)
+            return future
+
+    def _write_side_files(self, partial: Path, step: int, train_state: dict, model_only: bool) -> None:
         for name, state in self.loader.state_dict().items():
             _write_json(partial / "loader" / f"{name}.json", state)
         _write_json(partial / "rng" / f"rank-{self.rank:05d}.json", _rng_state())
         if self.rank == 0:
-            _write_json(
-                partial / "train_state.json", {**train_state, "scheduler": self.scheduler.state_dict()}
-            )
-        dist.barrier()
-        if self.rank == 0:
-            if final.exists():  # a re-save of the same step (e.g. after a resume that did no step)
-                shutil.rmtree(final)
-            os.replace(partial, final)
-        dist.barrier()
-        log.info("saved checkpoint %s", final)
-        return final
+            state = {**train_state, "scheduler": self.scheduler.state_dict(), "model_only": model_only}
+            if model_only:
+                state["dtype"] = self.cfg.export_dtype
+            _write_json(partial / "train_state.json", state)
+            args = getattr(self.model, "args", None)
+            if args is not None:
+                _write_json(partial / "model.json", dataclasses.asdict(args))
 
-    def load(self) -> dict | None:
-        """Restore the newest complete checkpoint; returns its train state, or None to start fresh."""
-        steps = complete_steps(self.folder)
-        if not steps:
-            return None
-        path = step_dir(self.folder, steps[-1])
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_sd, "optimizer": optim_sd}
+    def _save_state(self, model_only: bool) -> dict:
+        model = self._model_state()
+        if model_only:
+            dtype = EXPORT_DTYPES[self.cfg.export_dtype]
+            return {"model": {k: v.detach().to(dtype) for k, v in model.items()}}
+        return {"model": model, "optimizer": self._optimizer_state()}
+
+    def _step_boundary(self) -> bool:
+        """Collect a finished background save; return whether `interval_s` says save now.
+
+        One all-reduce on the control group, only while a save is in flight or `interval_s` is on:
+        [some rank still writing, rank 0's clock says a save is due]. Every rank then takes the
+        same decisions at the same step.
+        """
+        if self._pending is None and (self.cfg.interval_s <= 0 or not self.cfg.enable):
+            return False
+        flags = torch.zeros(2, dtype=torch.int64)
+        if self._pending is not None:
+            flags[0] = not self._pending.future.done()
+        if self.rank == 0 and self.cfg.interval_s > 0:
+            flags[1] = _now() - self._last_save_s >= self.cfg.interval_s
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._control)
+        if self._pending is not None and not flags[0]:
+            self._finish()
+        return bool(flags[1])
+
+    def wait(self) -> None:
+        """Block until the save in flight is committed (or raise if it failed)."""
+        if self._pending is not None:
+            concurrent.futures.wait([self._pending.future])
+            self._finish()
+
+    def _finish(self) -> None:
+        """Every rank's save has finished: commit it, or handle its failure (all ranks together)."""
+        pending, self._pending = self._pending, None
+        if self._failures(pending.future.exception(), pending.step, pending.partial):
+            return
+        error = None
+        if self.rank == 0:
+            try:
+                self._commit(pending.step, pending.partial)
+            except _ERRORS as e:
+                error = e
+        if self._failures(error, pending.step, pending.partial):
+            return
+        if self.rank == 0:
+            self._start_purge(keep=pending.step)
+        log.info(
+            "saved checkpoint %s (%s, written in %.2f s)",
+            step_dir(self.folder, pending.step),
+            self.cfg.mode,
+            time.perf_counter() - pending.started_s,
+        )
+
+    def _failures(self, error: BaseException | None, step: int, partial: Path) -> bool:
+        """Agree whether any rank failed; if so remove the partial save and raise or warn."""
+        flag = torch.tensor([error is not None], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._control)
+        if not flag.item():
+            return False
+        messages: list[str | None] = [None] * dist.get_world_size()
+        mine = None if error is None else f"{type(error).__name__}: {error}"
+        dist.all_gather_object(messages, mine, group=self._control)
+        if self.rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)  # frees the space a full disk needs back
+        steps, _ = _scan(self.folder)
+        kept = (
+            f"the newest complete checkpoint is {step_dir(self.folder, steps[-1])}"
+            if steps
+            else "no checkpoint is complete"
+        )
+        causes = "\n".join(f"  rank {r}: {m}" for r, m in enumerate(messages) if m)
+        message = f"saving checkpoint step {step} to {partial} failed ({kept}):\n{causes}"
+        if self.cfg.on_error == "warn":
+            log.warning("%s\ntraining goes on (checkpoint.on_error=warn)", message)
+            return True
+        raise CheckpointSaveError(
+            f"{message}\nFree space or fix the folder (checkpoint.folder), then resume; or set "
+            "checkpoint.on_error=warn to train on without this checkpoint."
+        ) from error
+
+    def _commit(self, step: int, partial: Path) -> None:
+        final = step_dir(self.folder, step)
+        if final.exists():  # a re-save of the same step (e.g. after loading an older step)
+            aside = final.with_name(final.name + PURGING_SUFFIX)
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(final, aside)
+        os.replace(partial, final)
+        _fsync_dir(self.folder)
+
+    def _start_purge(self, keep: int) -> None:
+        """Delete checkpoints beyond the newest `keep_latest_k` in the background (rank 0).
+
+        Each is first renamed to `*.purging` (instant), so a crash mid-delete never leaves a damaged
+        `step-N`; leftovers of such a crash are deleted with the next purge. `keep`, the step just
+        committed, stays even when newer checkpoints exist (a run resumed from an older load_step).
+        """
+        if self._purger is not None:
+            self._purger.join()
+        steps, partial = _scan(self.folder)
+        doomed = []
+        if self.cfg.keep_latest_k > 0 and steps:
+            doomed = [step_dir(self.folder, s) for s in steps[: -self.cfg.keep_latest_k] if s != keep]
+            # Interrupted saves older than the newest complete checkpoint can never be completed;
+            # the save in flight (if any) is newer.
+            doomed += [p for s, p in partial.items() if s < steps[-1]]
         try:
-            dcp.load(state, checkpoint_id=path)
-        except Exception as e:  # DCP's errors do not name the checkpoint
-            raise RuntimeError(
-                f"cannot load checkpoint {path}: {e}\nIf it is damaged or from another model, pick an "
-                f"older one with checkpoint.load_step=<N> or start afresh with run.resume=never in a new run.name"
-            ) from e
-        set_state_dict(
-            self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
-        )
-        self.loader.load_state_dict(
-            {p.stem: json.loads(p.read_text()) for p in (path / "loader").glob("stream-*.json")}
-        )
-        rng_file = path / "rng" / f"rank-{self.rank:05d}.json"
-        if rng_file.exists():  # absent when resuming on more ranks than saved
-            _set_rng_state(json.loads(rng_file.read_text()))
-        train_state = json.loads((path / "train_state.json").read_text())
-        self.scheduler.load_state_dict(train_state.pop("scheduler"))
-        log.info("resumed from checkpoint %s", path)
-        return train_state
+            for path in doomed:
+                aside = path.with_name(path.name + PURGING_SUFFIX)
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(path, aside)
+        except OSError as e:  # housekeeping: worth a warning, not the run
+            log.warning("could not purge old checkpoints in %s: %s", self.folder, e)
+        purging = list(self.folder.glob(f"*{PURGING_SUFFIX}"))
+        if doomed:
+            log.info("purging %s", ", ".join(p.name for p in doomed))
+        if purging:
+            self._purger = threading.Thread(
+                target=lambda: [shutil.rmtree(p, ignore_errors=True) for p in purging], daemon=True
+            )
+            self._purger.start()
 
     def close(self) -> None:
-        """Wait for saves in flight (none while saving is synchronous)."""
+        """Wait for the save in flight and the purge, then release the staging memory."""
+        try:
+            self.wait()
+        finally:
+            if self._purger is not None:
+                self._purger.join()
+            if self._stager is not None:
+                self._stager.close()
+                self._stager = None
+
+    # ---------------------------------------------------------------------------------- exports
+
+    def _export_hf(self, step: int) -> None:
+        """Rank 0 writes `<folder>/hf-step-N/` from the committed final checkpoint (any layout, one
+        block at a time); the others wait for it so that its failure is everyone's."""
+        error = None
+        if self.rank == 0:
+            try:
+                from titan.tools.convert import dcp_to_hf
+
+                out = self.folder / f"hf-step-{step}"
+                dcp_to_hf(step_dir(self.folder, step), out, dtype=self.cfg.export_dtype)
+                log.info("exported Hugging Face model %s", out)
+            except _ERRORS as e:
+                error = e
+        self._failures(error, step, self.folder / f"hf-step-{step}{PARTIAL_SUFFIX}")
+
+    # ---------------------------------------------------------------------------------- loading
+
+    def _model_state(self) -> dict:
+        return {k: v for part in self.model_parts for k, v in get_model_state_dict(part).items()}
+
+    def _optimizer_state(self) -> dict:
+        return {
+            k: v
+            for part, optim in zip(self.model_parts, self.optimizers)
+            for k, v in get_optimizer_state_dict(part, optim, options=_OPTIM_OPTIONS).items()
+        }
+
+    def _select(self) -> int | None:
+        steps = complete_steps(self.folder)
+        want = self.cfg.load_step
+        if want is None:
+            return steps[-1] if steps else None
+        if want not in steps:
+            partial = step_dir(self.folder, want).with_name(f"step-{want}{PARTIAL_SUFFIX}")
+            why = f" ({partial.name} is a save that did not finish)" if partial.exists() else ""
+            raise CheckpointLoadError(
+                f"checkpoint.load_step={want}: {self.folder} holds no complete checkpoint of step {want}"
+                f"{why}; available steps: {steps or 'none'}. Pick one of them, or unset checkpoint.load_step."
+            )
+        newer = [s for s in steps if s > want]
+        if newer:
+            log.warning(
+                "loading step %d while %s holds newer checkpoints %s; a resume without "
+                "checkpoint.load_step would pick step %d",
+                want,
+                self.folder,
+                newer,
+                newer[-1],
+            )
+        return want
+
+    def load(self) -> dict | None:
+        """Restore the newest complete checkpoint (or `checkpoint.load_step`); returns its train
+        state, or None to start fresh (from `checkpoint.initial_load_path` weights when set).
+
+        Raises CheckpointLoadError on every rank if any rank failed: no rank trains on a half load.
+        """
+        step = self._select()
+        error, result = None, None
+        try:
+            if step is not None:
+                result = self._load(step_dir(self.folder, step), step)
+            elif self.cfg.initial_load_path:
+                self.load_weights(Path(self.cfg.initial_load_path))
+        except CheckpointLoadError as e:
+            error = e
+        except _ERRORS as e:  # DCP's and json's errors do not name the checkpoint
+            what = f"{type(e).__name__}: {e}"
+            error = (
+                self._load_error(step_dir(self.folder, step), what)
+                if step is not None
+                else CheckpointLoadError(
+                    f"cannot load checkpoint.initial_load_path={self.cfg.initial_load_path}:\n{what}"
+                )
+            )
+        everyone: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, None if error is None else str(error), group=self._control)
+        failed = list(dict.fromkeys(m for m in everyone if m))
+        if failed:
+            raise CheckpointLoadError("\n".join(failed)) from error
+        return result
+
+    def _load_error(self, path: Path, what: str) -> CheckpointLoadError:
+        older = [s for s in _scan(self.folder)[0] if s < int(path.name.split("-")[1])]
+        hint = (
+            f"checkpoint.load_step=<N> (older complete steps: {older})"
+            if older
+            else "checkpoint.load_step=<N>"
+        )
+        return CheckpointLoadError(
+            f"cannot load checkpoint {path}:\n{what}\nIf it is damaged or from another model, pick another "
+            f"one with {hint}, or start afresh in a new run.name (or with run.resume=never)."
+        )
+
+    def _load(self, path: Path, step: int) -> dict | None:
+        saved_state = json.loads((path / "train_state.json").read_text())
+        parts = [p for p in PARTS if p not in self.cfg.exclude_from_loading]
+        if saved_state.get("model_only"):
+            if step == 0:  # a seed checkpoint: at step 0 nothing else has a state yet
+                parts = [p for p in parts if p == "model"]
+            elif any(p in parts for p in ("optimizer", "lr_scheduler", "dataloader")):
+                raise self._load_error(
+                    path,
+                    "it holds the model weights only (saved with checkpoint.model_only=true), no optimizer, "
+                    "schedule or data position. To train on from these weights, add "
+                    "checkpoint.exclude_from_loading=[optimizer,lr_scheduler,dataloader].",
+                )
+
+        model_states = [get_model_state_dict(part) for part in self.model_parts]
+        # Only when loaded: reading an optimizer's state dict creates its (zero) state.
+        optim_states = [
+            get_optimizer_state_dict(part, optim, options=_OPTIM_OPTIONS) if "optimizer" in parts else {}
+            for part, optim in zip(self.model_parts, self.optimizers)
+        ]
+        state = {}
+        if "model" in parts:
+            state["model"] = {k: v for sd in model_states for k, v in sd.items()}
+        if "optimizer" in parts:
+            state["optimizer"] = {k: v for sd in optim_states for k, v in sd.items()}
+        if state:
+            differences = compare_with_checkpoint(path, state, group=self._control)
+            if differences:
+                shown = "\n".join(f"  {d}" for d in differences[:8])
+                more = f"\n  ... and {len(differences) - 8} more" if len(differences) > 8 else ""
+                args = "\n".join(f"  {d}" for d in _model_args_diff(path, self.model))
+                raise self._load_error(
+                    path,
+                    f"it does not fit this run's model/optimizer:\n{shown}{more}"
+                    + (f"\nthe model it was saved with differs in:\n{args}" if args else ""),
+                )
+            dcp.load(state, checkpoint_id=path)
+            # DCP fills tensors in place but replaces plain values (the optimizer's lr, betas, ...)
+            # in the dict it was given: take every part's entries from that dict.
+            for part, optim, model_sd, optim_sd in zip(
+                self.model_parts, self.optimizers, model_states, optim_states
+            ):
+                if "model" in parts:
+                    set_model_state_dict(part, {k: state["model"][k] for k in model_sd})
+                if "optimizer" in parts:
+                    loaded = {k: state["optimizer"][k] for k in optim_sd}
+                    set_optimizer_state_dict(part, optim, loaded, options=_OPTIM_OPTIONS)
+
+        if "dataloader" in parts:
+            self.loader.load_state_dict(
+                {p.stem: json.loads(p.read_text()) for p in (path / "loader").glob("stream-*.json")}
+            )
+        if "lr_scheduler" in parts and "scheduler" in saved_state:
+            self.scheduler.load_state_dict(saved_state["scheduler"])
+        log.info("resumed from checkpoint %s (%s)", path, ", ".join(parts))
+        if "train_state" not in parts:
+            return None
+        rng_file = path / "rng" / f"rank-{self.rank:05d}.json"
+        if rng_file.exists():  # absent when resuming on more ranks than saved, and in seeds
+            _set_rng_state(json.loads(rng_file.read_text()))
+        return {k: v for k, v in saved_state.items() if k not in ("scheduler", "model_only", "dtype")}
+
+    def load_weights(self, path: Path) -> None:
+        """Model weights only, from a titan DCP step directory or a Hugging Face folder (safetensors +
+        config.json), into this run's model whatever its layout."""
+        if (path / ".metadata").is_file():
+            state = {"model": self._model_state()}
+            differences = compare_with_checkpoint(path, state, group=self._control)
+            if differences:
+                raise CheckpointLoadError(
+                    f"checkpoint.initial_load_path={path} does not fit this model:\n"
+                    + "\n".join(f"  {d}" for d in differences[:8])
+                )
+            dcp.load(state, checkpoint_id=path)
+            for part in self.model_parts:
+                own = get_model_state_dict(part).keys()
+                set_model_state_dict(part, {k: state["model"][k] for k in own})
+        elif (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+            self._load_hf(path)
+        else:
+            raise CheckpointLoadError(
+                f"checkpoint.initial_load_path={path} is neither a titan checkpoint step directory (with a "
+                ".metadata file) nor a Hugging Face folder (config.json and *.safetensors)"
+            )
+        log.info("initial weights from %s", path)
+
+    def _load_hf(self, path: Path) -> None:
+        from titan.tools.convert import read_hf
+
+        args = getattr(self.model, "args", None)
+        weights, hf_args = read_hf(path)
+        if args is not None:
+            differ = [
+                f"model.{f.name}: {getattr(hf_args, f.name)!r} there, {getattr(args, f.name)!r} here"
+                for f in dataclasses.fields(args)
+                if f.name != "max_seq_len" and getattr(hf_args, f.name) != getattr(args, f.name)
+            ]
+            if differ:
+                raise CheckpointLoadError(
+                    f"checkpoint.initial_load_path={path} holds another model:\n"
+                    + "\n".join(f"  {d}" for d in differ)
+                )
+        for part in self.model_parts:
+            state = get_model_state_dict(part)
+            missing = [k for k in state if k not in weights]
+            if missing:
+                raise CheckpointLoadError(f"checkpoint.initial_load_path={path} lacks {missing[:4]}")
+            for name, target in state.items():
+                full = weights[name].to(dtype=target.dtype, device=target.device)
+                if isinstance(target, DTensor):
+                    # Every rank read the whole tensor: keep the local piece, no communication.
+                    piece = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
+                    target.to_local().copy_(piece.to_local())
+                else:
+                    target.copy_(full)
+            set_model_state_dict(part, state)

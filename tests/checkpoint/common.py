@@ -17,6 +17,8 @@ LAYOUTS = {
     "fsdp2": (2, {"dp_shard": -1}),
     "single": (1, {"dp_shard": 1}),
     "tp2": (2, {"dp_shard": 1, "tp": 2}),
+    # two pipeline stages on each of two ranks: every rank saves and loads two model parts
+    "pp2-interleaved": (2, {"dp_shard": 1, "pp": 2, "pp_schedule": "Interleaved1F1B"}),
 }
 
 

@@ -54,7 +54,11 @@ def test_hf_round_trip_is_exact(tmp_path, tied):
     args = ModelArgs(**{**TINY_MODEL.__dict__, "tie_embeddings": tied})
     weights = random_model(args).state_dict()
     step = write_dcp_model(tmp_path / "step-0", weights, args)
-    hf = main(["dcp-to-hf", str(step), str(tmp_path / "hf")])
+    # without the step's model.json, the model comes from --model
+    (step / "model.json").rename(tmp_path / "model.json")
+    with pytest.raises(FileNotFoundError, match="give --model"):
+        main(["dcp-to-hf", str(step), str(tmp_path / "hf")])
+    hf = main(["dcp-to-hf", str(step), str(tmp_path / "hf"), "--model", str(tmp_path / "model.json")])
     assert sorted(p.name for p in hf.iterdir()) == ["config.json", "model.safetensors"]
     back = main(["hf-to-dcp", str(hf), str(tmp_path / "back")])
     assert equal(read_dcp_model(back), weights)
@@ -168,6 +172,16 @@ def test_meta_round_trip_is_exact(tmp_path, embedding_dim):
         assert equal(written, original)
     params = json.loads((out / "params.json").read_text())
     assert meta_params_to_args(params, tie_embeddings=False, max_seq_len=256) == META_ARGS
+
+
+def test_meta_rope_scaling_factor():
+    params = {**META_PARAMS, "rope_scaling_factor": None}
+    assert meta_params_to_args(params, tie_embeddings=False).rope_scaling_factor == 8.0  # Llama 3.1's
+    assert (
+        meta_params_to_args(params, tie_embeddings=False, rope_scaling_factor=32).rope_scaling_factor == 32.0
+    )
+    unscaled = meta_params_to_args({**params, "use_scaled_rope": False}, tie_embeddings=True)
+    assert unscaled.rope_scaling_factor == 0.0 and unscaled.tie_embeddings
 
 
 def test_dcp_to_torch(saved_run, tmp_path):

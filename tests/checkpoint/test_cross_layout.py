@@ -2,7 +2,8 @@
 resumed steps continue the uninterrupted run's losses within the layout tolerance (1e-5 relative,
 fp32; layouts differ only in summation order, see tests/dist/test_parity.py).
 
-Each pair changes the data-parallel degree or the sharding; append pairs as layouts land (PP, CP).
+Each pair changes the data-parallel degree, the sharding or the pipeline split; append pairs (and
+LAYOUTS in common.py) as layouts land.
 """
 
 import pytest
@@ -12,7 +13,13 @@ from tests.utils import read_metrics
 
 pytestmark = pytest.mark.slow
 
-PAIRS = [("fsdp2", "single"), ("single", "fsdp2"), ("fsdp2", "tp2")]
+PAIRS = [
+    ("fsdp2", "single"),
+    ("single", "fsdp2"),
+    ("fsdp2", "tp2"),
+    ("fsdp2", "pp2-interleaved"),
+    ("pp2-interleaved", "single"),
+]
 
 
 @pytest.mark.parametrize("saved,resumed", PAIRS, ids=[f"{a}-to-{b}" for a, b in PAIRS])

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from titan.checkpoint import complete_steps
+from titan.checkpoint import checkpoint_folder, complete_steps
 
 log = logging.getLogger("titan")
 
@@ -26,7 +26,7 @@ RESUMABLE_CHANGES = (
     "hydra.",
     "run.",
     "metrics.",
-    "checkpoint.interval",
+    "checkpoint.",  # where state is saved and which step is loaded, not what the run computes
     "training.steps",
     "training.micro_batch_size",
     "training.compile",
@@ -70,14 +70,16 @@ class ResumeRefused(ValueError):
 
 def check_resume(run_dir: Path, config: dict, resume: str) -> int | None:
     """Apply `run.resume` to a run dir; returns the step to resume from, or None for a fresh start."""
-    steps = complete_steps(run_dir / "checkpoints")
+    checkpoint = config.get("checkpoint") or {}
+    folder = checkpoint_folder(run_dir, checkpoint.get("folder"))
+    steps = complete_steps(folder)
     if resume == "never" and steps:
         raise ResumeRefused(
-            f"{run_dir} already holds checkpoints (steps {steps}) and run.resume=never; "
+            f"{folder} already holds checkpoints (steps {steps}) and run.resume=never; "
             f"choose another run.name, delete the directory, or use run.resume=auto"
         )
     if resume == "must" and not steps:
-        raise ResumeRefused(f"run.resume=must but {run_dir} holds no complete checkpoint to resume from")
+        raise ResumeRefused(f"run.resume=must but {folder} holds no complete checkpoint to resume from")
     if not steps:
         return None
     saved_file = run_dir / "config.yaml"
@@ -92,7 +94,7 @@ def check_resume(run_dir: Path, config: dict, resume: str) -> int | None:
             )
         for key, old, new in changes:
             log.info("resuming with a changed setting: %s: %r -> %r", key, old, new)
-    return steps[-1]
+    return checkpoint["load_step"] if checkpoint.get("load_step") is not None else steps[-1]
 
 
 def _git_state() -> str:

@@ -3,6 +3,7 @@
 Every message names the keys involved and a fix. All problems are reported at once.
 """
 
+from titan.checkpoint import config_problems
 from titan.config.build import ConfigError
 from titan.config.schema import RunConfig
 from titan.parallel.ac import AC_MODES
@@ -96,7 +97,7 @@ def validate(cfg: RunConfig, world: int) -> ParallelDims:
 
     _choice(errors, "data.source", d.source, DATA_SOURCES)
     _positive(errors, "data.num_workers", d.num_workers, 0)
-    _positive(errors, "checkpoint.interval", cfg.checkpoint.interval)
+    errors += config_problems(cfg.checkpoint)
     _positive(errors, "metrics.log_freq", cfg.metrics.log_freq)
     _choice(errors, "metrics.progress", cfg.metrics.progress, PROGRESS_MODES)
     _choice(errors, "run.resume", cfg.run.resume, RESUME_POLICIES)
