@@ -42,7 +42,9 @@ def run(layout: str, nproc: int, args, root: Path) -> dict:
         f"run.name={layout}",
         *args.overrides,
     ]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     if proc.returncode != 0:
         return {"layout": layout, "error": proc.stderr.strip().splitlines()[-1]}
     (metrics_file,) = root.glob(f"*/{layout}/metrics.jsonl")
@@ -61,7 +63,9 @@ def run(layout: str, nproc: int, args, root: Path) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| layout | ranks | tokens/s per device | TFLOP/s per device | MFU % | memory GiB | final loss |"]
+    lines = [
+        "| layout | ranks | tokens/s per device | TFLOP/s per device | MFU % | memory GiB | final loss |"
+    ]
     lines.append("|---|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
@@ -76,9 +80,13 @@ def table(results: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS))
-    parser.add_argument("--nproc", type=int, default=None, help="ranks for every layout (default: per layout)")
+    parser.add_argument(
+        "--nproc", type=int, default=None, help="ranks for every layout (default: per layout)"
+    )
     parser.add_argument("--model", default="llama3_debug")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
@@ -90,7 +98,9 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="extra launch.py overrides")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        results = [run(layout, args.nproc or LAYOUTS.get(layout, 2), args, Path(tmp)) for layout in args.layouts]
+        results = [
+            run(layout, args.nproc or LAYOUTS.get(layout, 2), args, Path(tmp)) for layout in args.layouts
+        ]
     print(table(results))
 
 

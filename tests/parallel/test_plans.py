@@ -63,7 +63,9 @@ def test_4d_plan_for_405b_on_512_ranks(fake_world):
     meshes = dims.build_meshes("cpu")
     assert meshes["fsdp"].size() == 8  # FSDP shards over dp_shard x cp
     assert meshes["loss"].size() == 8
-    pipeline = build_pipeline(LLAMA3_405B, cfg, meshes["pp"], local_batch=TRAINING.global_batch_size // dims.dp)
+    pipeline = build_pipeline(
+        LLAMA3_405B, cfg, meshes["pp"], local_batch=TRAINING.global_batch_size // dims.dp
+    )
     pp_rank = meshes["pp"].get_local_rank()
     assert pipeline.stage_ids == [pp_rank + 8 * i for i in range(2)]  # two looped stages per rank
     layers = [len(part.layers) for part in pipeline.model_parts]

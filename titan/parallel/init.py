@@ -18,7 +18,9 @@ from titan.models.llama.model import ModelArgs, Transformer
 def init_weights(model: Transformer, args: ModelArgs, *, seed: int, device: torch.device) -> None:
     """Initialize `model` (a whole model or a pipeline stage, sharded or not) as one device would."""
     torch.manual_seed(seed)
-    whole = model.tok_embeddings is not None and model.output is not None and len(model.layers) == args.n_layers
+    whole = (
+        model.tok_embeddings is not None and model.output is not None and len(model.layers) == args.n_layers
+    )
     if whole and not any(isinstance(p, DTensor) for p in model.parameters()):
         model.init_weights(buffer_device=device)
         return
