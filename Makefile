@@ -26,19 +26,30 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	$(PY) launch.py $(ARGS)
 
+# The Slurm tests run against a real two-node cluster on this machine (../shared/slurm, as root), brought
+# up for them and torn down afterwards, also when tests fail; without it they skip. 8 CPUs advertised per
+# node let their jobs run side by side.
+SLURM_SCRIPTS := $(CURDIR)/../shared/slurm
+export SLURM_CI_CPUS ?= 8
+
 test: $(STAMP)
+	@if [ -f "$(SLURM_SCRIPTS)/slurm-up.sh" ] && [ "$$(id -u)" = 0 ]; then \
+	  trap 'bash "$(SLURM_SCRIPTS)/slurm-down.sh"' EXIT; \
+	  bash "$(SLURM_SCRIPTS)/slurm-up.sh" || exit 1; \
+	  export SLURM_CONF="$${SLURM_CI_DIR:-/tmp/slurm-ci}/etc/slurm.conf"; \
+	else echo "no $(SLURM_SCRIPTS)/slurm-up.sh (or not root): Slurm tests skip unless Slurm is up"; fi; \
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --durations=15 $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check titan tests launch.py benchmarks
-	$(PY) -m ruff format --check titan tests launch.py benchmarks
+	$(PY) -m ruff check titan tests launch.py benchmarks hydra_plugins
+	$(PY) -m ruff format --check titan tests launch.py benchmarks hydra_plugins
 
 format: $(STAMP)
-	$(PY) -m ruff check --fix titan tests launch.py benchmarks
-	$(PY) -m ruff format titan tests launch.py benchmarks
+	$(PY) -m ruff check --fix titan tests launch.py benchmarks hydra_plugins
+	$(PY) -m ruff format titan tests launch.py benchmarks hydra_plugins
 
 clean:
 	rm -rf runs outputs multirun .pytest_cache

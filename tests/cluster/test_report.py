@@ -55,8 +55,9 @@ def test_sorting_and_formats(sweep):
         "| b | optimizer.lr=3e-3 |"
     )
     parsed = list(csv.DictReader(io.StringIO(report.render(rows, "csv"))))
-    assert [p["run"] for p in parsed] == ["b", "a", "c"] and parsed[0]["best_loss"] == "1.5000"
+    assert [p["run"] for p in parsed] == ["b", "a", "c"] and parsed[0]["best_loss"] == "1.5"
     assert parsed[0]["overrides"] == "optimizer.lr=3e-3 training.seq_len=32"  # CSV: every override
+    assert parsed[0]["steps"] == "2" and parsed[1]["tokens_per_s"] == "2500.0"  # CSV: exact values
 
 
 def test_cli_writes_the_table_and_one_curve_per_run(sweep, capsys):

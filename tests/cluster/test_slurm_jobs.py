@@ -6,10 +6,13 @@ bitwise (CPU, training.deterministic=true, the same world size).
 """
 
 import concurrent.futures
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from tests.cluster.slurm_utils import (
     REPO,
@@ -27,7 +30,7 @@ from tests.cluster.slurm_utils import (
 )
 from titan.tools import report
 
-pytestmark = [pytest.mark.slow, requires_slurm, pytest.mark.xdist_group("slurm_jobs")]
+pytestmark = [pytest.mark.slow, requires_slurm]
 STEPS = 40
 RUN = [*TINY, f"training.steps={STEPS}"]
 JOBS = {
@@ -61,30 +64,50 @@ INTERVENTIONS = {
 }
 
 
-@pytest.fixture(scope="module")
-def jobs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("slurm_jobs")
+def submit_all(root):
+    def intervene(name, run):
+        condition, scancel = INTERVENTIONS[name]
+        (submitted,) = [e for e in events(run) if e["event"] == "submitted"]
+        slurm("scancel", *scancel(submitted["job_id"]))
 
     def submit(name):
+        run = root / "llama3_debug" / name
+        if name in INTERVENTIONS:  # watching from before the submission: the job may start at once
+            when(lambda: INTERVENTIONS[name][0](run), lambda: intervene(name, run))
         proc = launch("cluster=slurm", *RUN, *JOBS[name], f"run.name={name}", root=root)
         (job,) = job_ids(proc.stdout)
         queued = slurm("squeue", "-h", "-j", job, "-o", "%T").strip()  # right after launch.py returned
-        run = run_dir_of(proc)
-        if name in INTERVENTIONS:
-            condition, scancel = INTERVENTIONS[name]
-            when(lambda: condition(run), lambda: slurm("scancel", *scancel(job)))
-        return name, {"job": job, "dir": run, "proc": proc, "queued": queued}
+        assert run_dir_of(proc) == run
+        return name, {"job": job, "dir": str(run), "stdout": proc.stdout, "queued": queued}
 
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         submitted = dict(pool.map(submit, JOBS))
     reference = run_dir_of(launch(*RUN, "cluster.nproc_per_node=2", "run.name=reference", root=root))
-    return {"root": root, "reference": [m["loss"] for m in metrics(reference)], **submitted}
+    return {"root": str(root), "reference": [m["loss"] for m in metrics(reference)], **submitted}
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory, worker_id):
+    """Submitted once per test session by whichever xdist worker needs them first (a worker may get only
+    some of this module's tests, or run them between other modules' tests)."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base if worker_id == "master" else base.parent) / "slurm_jobs"
+    root.mkdir(exist_ok=True)
+    with FileLock(root / "submit.lock"):
+        state = root / "jobs.json"
+        if not state.exists():
+            state.write_text(json.dumps(submit_all(root)))
+    jobs = json.loads(state.read_text())
+    for job in jobs.values():
+        if isinstance(job, dict):
+            job["dir"] = Path(job["dir"])
+    return {**jobs, "root": Path(jobs["root"])}
 
 
 def test_submission_returns_at_once_with_the_job_the_run_dir_and_the_log(jobs):
     job = jobs["two_nodes"]
     assert job["queued"] in ("PENDING", "CONFIGURING", "RUNNING")  # launch.py did not wait for it
-    assert f"follow it: tail -F {job['dir']}/slurm/{job['job']}_0_log.err" in job["proc"].stdout
+    assert f"follow it: tail -F {job['dir']}/slurm/{job['job']}_0_log.err" in job["stdout"]
     assert job["dir"] == jobs["root"] / "llama3_debug" / "two_nodes"
 
 

@@ -24,7 +24,6 @@ def named_from_overrides(run_dir) -> bool:
 
 @pytest.mark.slow
 @requires_slurm
-@pytest.mark.xdist_group("slurm_sweeps")
 def test_a_named_sweep_waits_for_its_jobs_and_the_report_lists_them(tmp_path):
     proc = launch(
         "-m",
@@ -59,7 +58,6 @@ def test_a_named_sweep_waits_for_its_jobs_and_the_report_lists_them(tmp_path):
 
 @pytest.mark.slow
 @requires_slurm
-@pytest.mark.xdist_group("slurm_sweeps")
 def test_without_wait_it_returns_at_once_and_max_concurrent_holds(tmp_path):
     start = time.monotonic()
     proc = launch(

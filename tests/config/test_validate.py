@@ -124,3 +124,55 @@ def test_ddp_fills_dp_replicate():
 def test_only_one_degree_may_be_the_rest():
     with pytest.raises(ConfigError, match="only one of dp_shard or dp_replicate may be -1"):
         validate(base().replace(parallelism={"dp_replicate": -1, "dp_shard": -1}), world=4)
+
+
+def pp_base(**parallelism):
+    return base().replace(
+        parallelism={"dp_shard": 1, "pp": 2, **parallelism},
+        model={"n_layers": 4},
+        training={"micro_batch_size": 1},
+    )
+
+
+def test_pipeline_zero_bubble_with_resharding_fsdp_is_refused():
+    cfg = pp_base(dp_shard=2, pp_schedule="ZBVZeroBubble", reshard_after_forward="always")
+    with pytest.raises(
+        ConfigError, match="ZBVZeroBubble with parallelism.reshard_after_forward=always loses gradients"
+    ):
+        validate(cfg, world=4)
+
+
+def test_pipeline_zero_bubble_with_compile_is_refused():
+    cfg = pp_base(pp_schedule="InterleavedZeroBubble").replace(training={"compile": True})
+    with pytest.raises(ConfigError, match="InterleavedZeroBubble runs backward in two passes"):
+        validate(cfg, world=2)
+
+
+def test_pipeline_with_ddp_is_refused():
+    cfg = pp_base(dp_replicate=2)
+    with pytest.raises(ConfigError, match=r"DDP .* with parallelism.pp > 1 gives wrong gradients"):
+        validate(cfg, world=4)
+
+
+def test_pipeline_with_tied_embeddings_is_refused():
+    cfg = pp_base().replace(model={"tie_embeddings": True})
+    with pytest.raises(ConfigError, match="model.tie_embeddings=true with parallelism.pp=2"):
+        validate(cfg, world=2)
+
+
+def test_more_stages_than_layers_is_refused():
+    cfg = pp_base(pp_schedule="Interleaved1F1B").replace(model={"n_layers": 2})
+    with pytest.raises(ConfigError, match="leave a stage without a transformer block"):
+        validate(cfg, world=2)
+
+
+def test_microbatches_must_split_the_local_batch():
+    cfg = pp_base(pp_microbatches=3)
+    with pytest.raises(ConfigError, match=r"does not split into parallelism.pp_microbatches=3"):
+        validate(cfg, world=2)
+
+
+def test_1f1b_needs_a_microbatch_per_stage():
+    cfg = pp_base(pp=4, pp_microbatches=2)
+    with pytest.raises(ConfigError, match="1F1B needs at least one microbatch per stage"):
+        validate(cfg, world=4)

@@ -4,6 +4,8 @@ No tensor is allocated and no rank but this one exists: the test checks that deg
 the TP/FSDP/PP plans compose for real model sizes and world sizes (64 and 512 ranks).
 """
 
+import math
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -76,3 +78,73 @@ def test_4d_plan_for_405b_on_512_ranks(fake_world):
         assert local_shape(block.attention.wq.weight) == (16384 // 8 // 8, 16384)
     assert pipeline.has_first_stage == (pp_rank == 0)
     assert pipeline.has_last_stage == (pp_rank == 7)
+
+
+LLAMA3_70B = ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=128256, ffn_dim=28672)
+
+
+def rank_param_bytes(parts) -> int:
+    """Bytes of parameters this rank holds (fp32), counting a tied tensor once."""
+    seen, total = set(), 0
+    for part in parts:
+        for p in part.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += math.prod(local_shape(p)) * 4
+    return total
+
+
+@pytest.mark.parametrize(
+    "fake_world,degrees",
+    [
+        ((3, 8), {"dp_shard": 8}),  # 8B, FSDP over 8
+        ((5, 8), {"dp_shard": 1, "tp": 8}),  # 8B, TP over 8
+    ],
+    indirect=["fake_world"],
+    ids=["8b-fsdp8", "8b-tp8"],
+)
+def test_8b_on_8_ranks_holds_an_eighth(fake_world, degrees):
+    rank, world = fake_world
+    cfg = ParallelismConfig(**degrees)
+    dims = ParallelDims.resolve(cfg, world)
+    with torch.device("meta"):
+        model = Transformer(LLAMA3_8B)
+    total = rank_param_bytes([model])
+    parallelize_llama(model, dims, dims.build_meshes("cpu"), TRAINING, cfg)
+    # FSDP pads uneven shards and TP replicates the norms: within 0.1% of an exact eighth.
+    assert rank_param_bytes([model]) == pytest.approx(total / 8, rel=1e-3)
+    assert total == pytest.approx(8.03e9 * 4, rel=1e-3)
+
+
+@pytest.mark.parametrize("fake_world", [(200, 256)], indirect=True)
+def test_70b_fsdp32_tp8_on_256_ranks(fake_world):
+    cfg = ParallelismConfig(dp_shard=-1, tp=8)
+    dims = ParallelDims.resolve(cfg, 256)
+    assert (dims.dp_shard, dims.tp) == (32, 8)
+    with torch.device("meta"):
+        model = Transformer(LLAMA3_70B)
+    total = rank_param_bytes([model])
+    parallelize_llama(model, dims, dims.build_meshes("cpu"), TRAINING, cfg)
+    assert rank_param_bytes([model]) == pytest.approx(total / 256, rel=1e-2)  # ~1.1 GB of fp32 per rank
+    assert local_shape(model.layers["7"].feed_forward.w1.weight) == (28672 // 8 // 32, 8192)
+
+
+@pytest.mark.parametrize("fake_world", [(0, 512), (300, 512)], indirect=True)
+def test_405b_fsdp8_tp8_pp8_on_512_ranks(fake_world):
+    rank, world = fake_world
+    cfg = ParallelismConfig(dp_shard=-1, tp=8, pp=8)
+    dims = ParallelDims.resolve(cfg, world)
+    assert (dims.pp, dims.dp_shard, dims.tp) == (8, 8, 8)
+    meshes = dims.build_meshes("cpu")
+    pipeline = build_pipeline(
+        LLAMA3_405B, cfg, meshes["pp"], local_batch=TRAINING.global_batch_size // dims.dp
+    )
+    pp_rank = meshes["pp"].get_local_rank()
+    assert pp_rank == rank // 64 and pipeline.stage_ids == [pp_rank]  # 1F1B: one stage per rank
+    (part,) = pipeline.model_parts
+    stage_layers = sorted(int(name) for name in part.layers)
+    assert stage_layers == pipeline.plan.layers[pp_rank] and 14 <= len(stage_layers) <= 17
+    parallelize_llama(part, dims, meshes, TRAINING, cfg, pipeline=True)
+    # a stage holds about 1/8 of the blocks, each split 64 ways (fsdp8 x tp8)
+    block_bytes = 4 * (4 * 16384 * 16384 * (1 + 8 / 128) / 2 + 3 * 16384 * 53248)
+    assert rank_param_bytes([part]) >= len(stage_layers) * block_bytes / 64

@@ -73,7 +73,14 @@ def set_determinism(seed: int, deterministic: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
-def build_model(cfg: RunConfig, dims: ParallelDims, meshes: dict, device: torch.device):
+def build_loss(cfg: RunConfig):
+    """The loss, compiled with the blocks: the fp32 upcast and log-softmax over the vocabulary fuse."""
+    if cfg.training.compile:
+        return torch.compile(cross_entropy_sum, backend=cfg.training.compile_backend)
+    return cross_entropy_sum
+
+
+def build_model(cfg: RunConfig, dims: ParallelDims, meshes: dict, device: torch.device, loss_fn):
     """This rank's model parts (the whole model, or its pipeline stages), parallelized, materialized
     and initialized; and the pipeline that runs them (None without PP)."""
     pipeline = None
@@ -95,7 +102,7 @@ def build_model(cfg: RunConfig, dims: ParallelDims, meshes: dict, device: torch.
         part.train()
         parts[i] = part
     if pipeline is not None:
-        pipeline.build_schedule(device, cross_entropy_sum)
+        pipeline.build_schedule(device, loss_fn)
     return parts, pipeline
 
 
@@ -116,7 +123,8 @@ class Trainer:
         self.dp_rank, self.dp_degree = self.meshes["dp"].get_local_rank(), self.dims.dp
 
         self.cp_rank = self.meshes["cp"].get_local_rank()
-        self.model_parts, self.pipeline = build_model(cfg, self.dims, self.meshes, self.device)
+        self.loss_fn = build_loss(cfg)
+        self.model_parts, self.pipeline = build_model(cfg, self.dims, self.meshes, self.device, self.loss_fn)
         use_loss_parallel = self.dims.tp > 1 and cfg.parallelism.loss_parallel
         self.loss_parallel = loss_parallel if use_loss_parallel else contextlib.nullcontext
         # Without FSDP the compute dtype comes from autocast; with FSDP from its MixedPrecisionPolicy.
@@ -143,9 +151,9 @@ class Trainer:
             scheduler=self.scheduler,
             loader=self.loader if self._writes_loader_state() else _LoadOnly(self.loader),
         )
+        self.preemption = PreemptionWatcher()  # before the (possibly long) load: a stop then still saves
         state = self.checkpointer.load() or {}
         self.step, self.tokens_seen = state.get("step", 0), state.get("tokens_seen", 0)
-        self.preemption = PreemptionWatcher()
 
         self.metrics = MetricsLogger(
             cfg.metrics,
@@ -193,7 +201,7 @@ class Trainer:
             ):
                 with self.autocast, self.loss_parallel():
                     logits = self.model_parts[0](micro_inputs.to(self.device))
-                    micro_loss = cross_entropy_sum(logits, micro_labels.to(self.device))
+                    micro_loss = self.loss_fn(logits, micro_labels.to(self.device))
                     (micro_loss * scale).backward()
                 loss_sum += _local(micro_loss.detach())
 
