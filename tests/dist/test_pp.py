@@ -7,21 +7,17 @@ a few ulp; a wrong scale (torch's default `scale_grads=True` would divide by the
 a lost microbatch or a stale gradient moves them by percents.
 """
 
-import os
-import socket
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed._composable.replicate_with_fsdp import replicate as replicate_with_fsdp
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.tensor.parallel import loss_parallel
 
+from tests.multirank import spawn_ranks
 from titan.config.schema import ParallelismConfig
 from titan.models.llama.model import ModelArgs, Transformer
 from titan.models.llama.pipeline import build_stage_model, split_layers, stages_for_layers_per_stage
@@ -170,41 +166,6 @@ CASES = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank, world, port, fn, args):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        fn(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def _spawn(fn, world, *args, timeout_s: float = 120):
-    """Run fn(rank, world, *args) on `world` gloo ranks; an error on any rank fails the test.
-
-    Forked where it can be: a spawned rank re-imports torch, 7 s for 2 ranks and 19 s for 4 on 2 cores,
-    a fork 0.1 s. Safe while this process holds no process group (else spawned), and OMP_NUM_THREADS=1
-    (conftest) leaves no OpenMP pool to inherit. The deadline turns a pipeline deadlock into a failure.
-    """
-    start_method = "spawn" if dist.is_initialized() else "fork"
-    ctx = mp.start_processes(
-        _entry, args=(world, _free_port(), fn, args), nprocs=world, join=False, start_method=start_method
-    )
-    deadline = time.monotonic() + timeout_s
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in ctx.processes:
-                process.kill()
-            raise TimeoutError(f"{fn.__name__} did not finish within {timeout_s} s")
-
-
 def _full_state(args: ModelArgs) -> dict[str, torch.Tensor]:
     """The single-process model's initial weights (seed 0)."""
     with torch.device("meta"):
@@ -329,7 +290,7 @@ def _check_against_reference(per_rank: list[list[dict]], reference: list[dict]) 
 @pytest.mark.parametrize("name", list(CASES))
 def test_pipeline_matches_single_process(tmp_path, name):
     schedule, n_layers = CASES[name][:2]
-    _spawn(_schedule_worker, 2, str(tmp_path), CASES[name])
+    spawn_ranks(_schedule_worker, 2, str(tmp_path), CASES[name])
     ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=False) for r in range(2)]
     num_stages = len(sum((r["stages"] for r in ranks), []))
     assert [r["stages"] for r in ranks] == [stage_ids(schedule, rank, 2, num_stages) for rank in range(2)]
@@ -352,7 +313,7 @@ def test_pipeline_matches_single_process(tmp_path, name):
     ids=["ZBV-compile", "InterleavedZB-compile", "DualPipeV-op-ac"],
 )
 def test_split_backward_with_compile_or_op_ac_is_refused(tmp_path, case, compile_blocks_first):
-    _spawn(_schedule_worker, 2, str(tmp_path), case, compile_blocks_first)
+    spawn_ranks(_schedule_worker, 2, str(tmp_path), case, compile_blocks_first)
     for rank in range(2):
         assert "runs backward in two passes" in (tmp_path / f"refused-{rank}.txt").read_text()
 
@@ -417,7 +378,7 @@ def _data_parallel_worker(rank, world, out_dir, schedule, data_parallel, reshard
 def test_pipeline_with_data_parallel_matches_single_process(
     tmp_path, schedule, data_parallel, reshard_after_forward
 ):
-    _spawn(_data_parallel_worker, 4, str(tmp_path), schedule, data_parallel, reshard_after_forward)
+    spawn_ranks(_data_parallel_worker, 4, str(tmp_path), schedule, data_parallel, reshard_after_forward)
     # ranks (pp, dp): 0 (0,0), 1 (0,1), 2 (1,0), 3 (1,1); each dp rank ran half of the global batch
     per_rank = [torch.load(tmp_path / f"{r}.pt", weights_only=False) for r in range(4)]
     for steps in per_rank[1::2]:  # the gathered grads are the same on both dp ranks: keep one of each
@@ -442,7 +403,7 @@ def test_pipeline_with_data_parallel_matches_single_process(
 def test_wrong_gradient_layouts_are_refused(
     tmp_path, schedule, data_parallel, reshard_after_forward, message
 ):
-    _spawn(_data_parallel_worker, 4, str(tmp_path), schedule, data_parallel, reshard_after_forward)
+    spawn_ranks(_data_parallel_worker, 4, str(tmp_path), schedule, data_parallel, reshard_after_forward)
     for rank in range(4):
         assert message in (tmp_path / f"refused-{rank}.txt").read_text()
 
@@ -469,7 +430,7 @@ def _tensor_parallel_worker(rank, world, out_dir, schedule):
 @pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["1F1B", "ZBVZeroBubble"])
 def test_pipeline_with_tensor_parallel_matches_single_process(tmp_path, schedule):
-    _spawn(_tensor_parallel_worker, 4, str(tmp_path), schedule)
+    spawn_ranks(_tensor_parallel_worker, 4, str(tmp_path), schedule)
     # ranks (pp, tp): 0 (0,0), 1 (0,1), 2 (1,0), 3 (1,1); tp ranks gathered the same grads and loss
     per_rank = [torch.load(tmp_path / f"{r}.pt", weights_only=False) for r in range(4)]
     for tp0, tp1 in zip(per_rank[0::2], per_rank[1::2]):

@@ -12,18 +12,16 @@ A sharding error (wrong positions, labels or rotary angles) moves gradients by p
 checks that the rotary table alone already does."""
 
 import copy
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
+from tests.multirank import spawn_ranks
 from titan.models.llama.model import ModelArgs, Transformer, repeat_kv
 from titan.parallel.ac import apply_ac
 from titan.parallel.cp import ContextParallelSDPA, apply_cp, cp_positions, shard_sequence, unshard_sequence
@@ -105,34 +103,6 @@ def test_wrong_local_length_and_call_order_are_refused(cp_mesh_of_one):
 # ---- multi-rank, gloo subprocesses ----
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank, world, port, fn, args):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        fn(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def _spawn(fn, world, *args):
-    """Run fn(rank, world, *args) on `world` gloo ranks; an assertion failing on any rank fails the test.
-
-    Forked, as torch's own multi-process tests are (CPU only, nothing to re-initialise): the ranks
-    inherit the imported modules, torch._dynamo included (the functional collectives import it on first
-    use, ~3 s per process), instead of importing them again each.
-    """
-    import torch._dynamo  # noqa: F401
-
-    mp.start_processes(_entry, args=(world, _free_port(), fn, args), nprocs=world, start_method="fork")
-
-
 def _repeat(kv: torch.Tensor, n_rep: int) -> torch.Tensor:
     """[B, kv_heads, S, D] -> [B, heads, S, D] with the model's own repeat_kv (its head order)."""
     return repeat_kv(kv.transpose(1, 2), n_rep).transpose(1, 2)
@@ -167,7 +137,7 @@ def _attention_worker(rank, cp):
 @pytest.mark.slow
 @pytest.mark.parametrize("cp", [2, 4])
 def test_attention_matches_full_causal(cp):
-    _spawn(_attention_worker, cp)
+    spawn_ranks(_attention_worker, cp)
 
 
 def _grads(model) -> dict[str, torch.Tensor]:
@@ -245,4 +215,4 @@ def _transformer_worker(rank, cp, wrap):
 @pytest.mark.slow
 @pytest.mark.parametrize("wrap", ["plain", "ac-full", "ac-op-compiled", "fsdp"])
 def test_transformer_matches_single_process(wrap):
-    _spawn(_transformer_worker, 2, wrap)
+    spawn_ranks(_transformer_worker, 2, wrap)
