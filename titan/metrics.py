@@ -249,6 +249,8 @@ class MetricsLogger:
                 dir=run_dir,
                 config=config,
                 name=run_dir.name,
+                # the run dir's parent: the sweep for sweep points, else the experiment or model
+                group=run_dir.parent.name,
                 mode=wandb_mode(),
             )
         if cfg.progress == "bar" or (cfg.progress == "auto" and sys.stderr.isatty()):

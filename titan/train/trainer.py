@@ -2,9 +2,11 @@
 
 import contextlib
 import gc
+import hashlib
 import logging
 import math
 import os
+import re
 import time
 from pathlib import Path
 
@@ -71,6 +73,12 @@ def set_determinism(seed: int, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def run_id(run_dir: Path) -> str:
+    """A W&B-safe id that is the same for every attempt of one run directory (so resumes continue it)."""
+    slug = re.sub(r"[^A-Za-z0-9_-]", "-", run_dir.name)[:40]
+    return f"{slug}-{hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:12]}"
 
 
 def build_loss(cfg: RunConfig):
@@ -164,7 +172,7 @@ class Trainer:
             flops_per_token=flops_per_token(cfg.model, cfg.training.seq_len),
             device=self.device,
             num_devices=dist.get_world_size(),
-            run_id=f"{cfg.run.group}-{cfg.run.name}".replace("/", "-"),
+            run_id=run_id(self.run_dir),
             config=cfg.to_dict(),
         )
 
