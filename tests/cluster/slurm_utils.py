@@ -72,12 +72,29 @@ def wait_until(condition, timeout: float = 240, what: str = "a condition") -> No
         time.sleep(0.1)
 
 
+ACTIVE_STATES = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED")
+
+
 def wait_for_job(job: str, timeout: float = 240) -> list[dict]:
-    """Wait until the job left the queue; return each attempt's sacct record (State, Start, End)."""
+    """Wait until the job left the queue and accounting has its final state; return each attempt's
+    sacct record (State, Start, End).
+
+    slurmdbd records the end of a job a moment after squeue drops it: until then sacct still says
+    RUNNING, so the last attempt is polled too.
+    """
     wait_until(lambda: not slurm("squeue", "-h", "-j", job, "-o", "%i").strip(), timeout, f"job {job}")
-    out = slurm("sacct", "-X", "-n", "-P", "--duplicates", "-j", job, "-o", "JobID,State,Start,End")
-    attempts = [dict(zip(("job", "state", "start", "end"), line.split("|"))) for line in out.splitlines()]
-    return [{**a, "state": a["state"].split()[0]} for a in attempts]  # "CANCELLED by 0" -> CANCELLED
+    records: list[dict] = []
+
+    def settled() -> bool:
+        out = slurm("sacct", "-X", "-n", "-P", "--duplicates", "-j", job, "-o", "JobID,State,Start,End")
+        attempts = [dict(zip(("job", "state", "start", "end"), line.split("|"))) for line in out.splitlines()]
+        records[:] = [
+            {**a, "state": a["state"].split()[0]} for a in attempts
+        ]  # "CANCELLED by 0" -> CANCELLED
+        return bool(records) and records[-1]["state"] not in ACTIVE_STATES
+
+    wait_until(settled, 60, f"the accounting of job {job}")
+    return records
 
 
 def metrics(run_dir: Path) -> list[dict]:
