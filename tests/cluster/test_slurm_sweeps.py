@@ -38,7 +38,8 @@ def test_a_named_sweep_waits_for_its_jobs_and_the_report_lists_them(tmp_path):
     jobs = job_ids(proc.stdout)
     sweep = tmp_path / "sweeps" / "layouts"
     runs = points(sweep)
-    assert len(jobs) == 2 and len(runs) == 2 and all(named_from_overrides(r) for r in runs)
+    layouts = ["fsdp", "ddp", "tp2", "pp2", "cp2_fsdp"]  # sweeps/layouts.yaml
+    assert len(jobs) == len(runs) == len(layouts) and all(named_from_overrides(r) for r in runs)
     # wait=true returned each job's final loss: the last line of its metrics
     returned = dict(re.findall(r"job (\d+): done, loss (\S+)", proc.stdout))
     rows = report.report(sweep)
@@ -48,12 +49,13 @@ def test_a_named_sweep_waits_for_its_jobs_and_the_report_lists_them(tmp_path):
         assert row["state"] == "done" and row["steps"] == 6 and row["attempts"] == 1
         assert row["last_loss"] == metrics(run)[-1]["loss"] == float(returned[row["job"]])
         assert row["best_loss"] == min(m["loss"] for m in metrics(run))
-        assert row["overrides"][:1] in (["parallelism=single"], ["parallelism=fsdp"])
-    # the two layouts agree (bf16 compute: to a few digits)
-    assert rows[0]["last_loss"] == pytest.approx(rows[1]["last_loss"], abs=2e-2)
+        assert row["overrides"][:1] in ([f"parallelism={layout}"] for layout in layouts)
+    # the layouts agree (bf16 compute: to a few digits)
+    for row in rows[1:]:
+        assert row["last_loss"] == pytest.approx(rows[0]["last_loss"], abs=2e-2)
     assert report.main([str(sweep), "--sort", "last_loss"]) == 0
     fig = report.plot(rows, tmp_path / "curves.png")
-    assert len(fig.axes[0].get_lines()) == 2 and (sweep / "report.png").exists()
+    assert len(fig.axes[0].get_lines()) == len(layouts) and (sweep / "report.png").exists()
 
 
 @pytest.mark.slow
