@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
+# GQA (4 query heads on 2 kv heads) and Llama 3.1 rope scaling with all three bands present.
+from tests.models.test_model import TINY
 from titan.models.llama.hf_adapter import (
     from_hf_config,
     from_hf_state_dict,
@@ -15,20 +17,6 @@ from titan.models.llama.model import ModelArgs, Transformer
 
 transformers = pytest.importorskip("transformers")
 MODEL_CONFIGS = Path(__file__).resolve().parents[2] / "conf" / "model"
-
-# GQA (4 query heads on 2 kv heads), and Llama 3.1 rope scaling with all three bands present
-# at head_dim 16 (see test_model.TINY); max_seq_len above the original context, as in Llama 3.1.
-TINY = ModelArgs(
-    dim=64,
-    n_layers=2,
-    n_heads=4,
-    n_kv_heads=2,
-    vocab_size=128,
-    ffn_dim=160,
-    rope_scaling_factor=8.0,
-    rope_original_max_seq_len=64,
-    max_seq_len=128,
-)
 
 # config.json of meta-llama/Llama-3.1-8B and meta-llama/Llama-3.2-1B on the Hugging Face hub.
 HUB_8B = {
