@@ -15,19 +15,23 @@ SMALL = ["model.n_layers=2", "model.dim=64", "model.n_heads=4", "model.n_kv_head
 SMALL += ["training.seq_len=32", "metrics.log_freq=2", "checkpoint.interval=2", "optimizer.warmup_steps=1"]
 
 
-def launch(*args: str, root: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def command(*cmd: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a command in the repository as a user would, one thread per rank."""
     proc = subprocess.run(
-        [sys.executable, "launch.py", *args, f"run.root={root}"],
+        cmd,
         cwd=REPO,
-        env=env,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"launch.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(f"{' '.join(cmd[:3])} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def launch(*args: str, root: Path, check: bool = True) -> subprocess.CompletedProcess:
+    return command(sys.executable, "launch.py", *args, f"run.root={root}", check=check)
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -60,23 +64,9 @@ def test_train_resume_and_reproduce(tmp_path):
     assert [m["step"] for m in metrics(run_dir)] == [1, 2, 4]
 
     # The saved config is a primary config: launching it into a new name reproduces the run.
-    repro = subprocess.run(
-        [
-            sys.executable,
-            "launch.py",
-            "--config-dir",
-            str(run_dir),
-            "--config-name",
-            "config",
-            "run.name=repro",
-        ],
-        cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
+    command(
+        sys.executable, "launch.py", "--config-dir", str(run_dir), "--config-name", "config", "run.name=repro"
     )
-    assert repro.returncode == 0, repro.stderr
     original, reproduced = metrics(run_dir), metrics(tmp_path / "llama3_debug" / "repro")
     assert [m["step"] for m in reproduced] == [1, 2, 4]
     assert [m["loss"] for m in reproduced] == pytest.approx([m["loss"] for m in original], rel=1e-6)
@@ -135,26 +125,18 @@ def test_multirun_sweep_with_the_basic_launcher(tmp_path):
 @pytest.mark.slow
 def test_torchrun_launches_the_same_run(tmp_path):
     """Under torchrun every rank composes the same config and finds the same run directory."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "launch.py",
-            "training.steps=2",
-            *SMALL,
-            f"run.root={tmp_path}",
-            "run.name=torchrun",
-        ],
-        cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
+    command(
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "launch.py",
+        "training.steps=2",
+        *SMALL,
+        f"run.root={tmp_path}",
+        "run.name=torchrun",
     )
-    assert proc.returncode == 0, proc.stderr
     run_dir = tmp_path / "llama3_debug" / "torchrun"
     assert [m["step"] for m in metrics(run_dir)] == [1, 2]
     assert (run_dir / "logs" / "rank1.log").exists() and (run_dir / "checkpoints" / "step-2").is_dir()
@@ -164,15 +146,7 @@ def test_torchrun_launches_the_same_run(tmp_path):
 def test_make_train(tmp_path):
     """`make train` as the README shows it (shortened): the default layout, 2 ranks, the bundled data."""
     args = " ".join(["training.steps=3", "metrics.log_freq=1", *SMALL, f"run.root={tmp_path}"])
-    proc = subprocess.run(
-        ["make", "train", f"ARGS={args}"],
-        cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    command("make", "train", f"ARGS={args}", timeout=600)
     (run_dir,) = (tmp_path / "llama3_debug").iterdir()
     losses = [m["loss"] for m in metrics(run_dir)]
     assert len(losses) == 3 and losses[0] == pytest.approx(7.74, abs=0.3)  # ln(2304) at the start

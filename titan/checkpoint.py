@@ -273,8 +273,18 @@ class Checkpointer:
     """
 
     def __init__(
-        self, cfg: CheckpointConfig, run_dir: Path, *, model_parts: list, optimizer, scheduler, loader
+        self,
+        cfg: CheckpointConfig,
+        run_dir: Path,
+        *,
+        model_parts: list,
+        optimizer,
+        scheduler,
+        loader,
+        saves_loader_state: bool = True,
     ) -> None:
+        """saves_loader_state: False on the ranks that read the same data streams as another rank
+        (TP, CP and PP peers of one data-parallel rank); they restore the loader but leave saving it."""
         problems = config_problems(cfg)
         if problems:
             raise ValueError("; ".join(problems))
@@ -286,6 +296,7 @@ class Checkpointer:
             raise ValueError(f"{len(self.model_parts)} model parts but {len(self.optimizers)} optimizers")
         self.model = self.model_parts[0]
         self.scheduler, self.loader = scheduler, loader
+        self.saves_loader_state = saves_loader_state
         self.rank = dist.get_rank()
         # The main thread's collectives (agreement on finished or failed saves) and the background
         # save's collectives each get a gloo group: two threads must never share one group, and
@@ -378,7 +389,7 @@ class Checkpointer:
             return future
 
     def _write_side_files(self, partial: Path, step: int, train_state: dict, model_only: bool) -> None:
-        for name, state in self.loader.state_dict().items():
+        for name, state in (self.loader.state_dict() if self.saves_loader_state else {}).items():
             _write_json(partial / "loader" / f"{name}.json", state)
         _write_json(partial / "rng" / f"rank-{self.rank:05d}.json", _rng_state())
         if self.rank == 0:

@@ -4,10 +4,26 @@
 """
 
 from collections.abc import Sequence
+from pathlib import Path
 
-from hydra.core.utils import JobReturn, filter_overrides, run_job
+from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig, open_dict
+
+
+class SweepLauncher(Launcher):
+    """What titan's launchers share: Hydra's setup, and the sweep directory made before any point."""
+
+    def __init__(self) -> None:
+        self.config = self.hydra_context = self.task_function = None
+
+    def setup(self, *, hydra_context, task_function, config) -> None:
+        self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
+
+    def start_sweep(self) -> None:
+        setup_globals()
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
 
 
 def with_cluster(overrides: Sequence[str], cluster: str, chosen: str | None, launcher: str) -> list[str]:

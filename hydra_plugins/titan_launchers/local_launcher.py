@@ -5,25 +5,15 @@ point) and ends with one line per point: its final loss or why it failed.
 """
 
 from collections.abc import Sequence
-from pathlib import Path
 
-from hydra.core.utils import JobReturn, JobStatus, configure_log, setup_globals
-from hydra.plugins.launcher import Launcher
+from hydra.core.utils import JobReturn, JobStatus, configure_log
 
-from hydra_plugins.titan_launchers._points import describe, point_config, run_point
+from hydra_plugins.titan_launchers._points import SweepLauncher, describe, point_config, run_point
 
 
-class LocalLauncher(Launcher):
-    def __init__(self) -> None:
-        self.config = self.hydra_context = self.task_function = None
-
-    def setup(self, *, hydra_context, task_function, config) -> None:
-        self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
-
+class LocalLauncher(SweepLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        setup_globals()
-        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        self.start_sweep()
         if self.config.hydra.runtime.choices.get("cluster") == "slurm":
             raise ValueError("hydra/launcher=local runs points on this machine: drop cluster=slurm")
         returns = []

@@ -12,29 +12,29 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from hydra.core.utils import JobReturn, JobStatus, configure_log, setup_globals
-from hydra.plugins.launcher import Launcher
+from hydra.core.utils import JobReturn, JobStatus, configure_log
 
-from hydra_plugins.titan_launchers._points import describe, point_config, run_point, with_cluster
+from hydra_plugins.titan_launchers._points import (
+    SweepLauncher,
+    describe,
+    point_config,
+    run_point,
+    with_cluster,
+)
 
 FINAL = ("done", "failed", "cancelled", "incomplete")
 
 
-class SlurmLauncher(Launcher):
+class SlurmLauncher(SweepLauncher):
     def __init__(self, wait: bool = False, poll_s: float = 5.0) -> None:
+        super().__init__()
         self.wait, self.poll_s = wait, poll_s
-        self.config = self.hydra_context = self.task_function = None
         self.job_ids: list[str] = []  # this sweep's jobs, in order (the max_concurrent chain spans batches)
-
-    def setup(self, *, hydra_context, task_function, config) -> None:
-        self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from titan.cluster.slurm import SubmittedJob, start_after
 
-        setup_globals()
-        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        self.start_sweep()
         chosen = self.config.hydra.runtime.choices.get("cluster")
         print(f"Submitting {len(job_overrides)} jobs to Slurm", flush=True)
         returns = []

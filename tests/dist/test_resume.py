@@ -1,9 +1,9 @@
-"""Resume from a checkpoint continues the uninterrupted run bitwise (CPU, deterministic)."""
-
-import shutil
+"""Resume from a checkpoint continues the uninterrupted run bitwise (CPU, deterministic), with the
+default bf16 compute (tests/checkpoint/test_resume_modes.py covers fp32 in every save mode)."""
 
 import pytest
 
+from tests.checkpoint.common import rewind
 from tests.utils import read_metrics, tiny_config
 from titan.cluster.local import launch_local
 from titan.config.schema import OptimizerConfig
@@ -16,7 +16,9 @@ def test_resume_from_step_10_is_bitwise_equal(tmp_path):
     cfg = tiny_config(
         full_dir,
         steps=20,
-        optimizer=OptimizerConfig(name="adamw", lr=3e-3, schedule="wsd", warmup_steps=3, decay_ratio=0.3).__dict__,
+        optimizer=OptimizerConfig(
+            name="adamw", lr=3e-3, schedule="wsd", warmup_steps=3, decay_ratio=0.3
+        ).__dict__,
         training={"param_dtype": "bfloat16"},
         checkpoint={"interval": 10},
     )
@@ -24,12 +26,9 @@ def test_resume_from_step_10_is_bitwise_equal(tmp_path):
     full = read_metrics(full_dir)
     assert [m["step"] for m in full] == list(range(1, 21))
 
-    # The run as it stood when step 10 was saved: the step-20 checkpoint and later metrics are gone.
-    shutil.copytree(full_dir, resumed_dir)
-    shutil.rmtree(resumed_dir / "checkpoints" / "step-20")
-    # A crash after step 13 had logged steps 11-13 past the checkpoint; they are redone, not duplicated.
-    metrics_file = resumed_dir / "metrics.jsonl"
-    metrics_file.write_text("".join(metrics_file.read_text().splitlines(keepends=True)[:13]))
+    # The run as it stood after a crash at step 13: the step-20 checkpoint is gone, and steps 11-13,
+    # logged past the step-10 checkpoint, are redone, not duplicated.
+    rewind(full_dir, resumed_dir, 10)
     launch_local(cfg.replace(run={"dir": str(resumed_dir)}), nproc=2)
     resumed = read_metrics(resumed_dir)
     assert "resumed from checkpoint" in (resumed_dir / "logs" / "rank0.log").read_text()

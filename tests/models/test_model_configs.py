@@ -7,6 +7,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from tests.models.test_model import DEBUG
 from titan.models.llama.model import ModelArgs, Transformer, num_params
 
 MODEL_CONFIGS = Path(__file__).resolve().parents[2] / "conf" / "model"
@@ -59,15 +60,5 @@ def test_published_sizes_on_the_meta_device(option):
 
 def test_debug_model():
     args = load("llama3_debug")
-    assert args == ModelArgs(
-        dim=256,
-        n_layers=4,
-        n_heads=8,
-        n_kv_heads=4,
-        vocab_size=2304,
-        ffn_dim=768,
-        rope_scaling_factor=8.0,
-        max_seq_len=2048,
-        tie_embeddings=False,
-    )
+    assert args == DEBUG
     assert num_params(args) == 4_327_680

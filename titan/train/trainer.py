@@ -39,19 +39,6 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-class _LoadOnly:
-    """A loader whose state this rank restores but leaves to another rank to save."""
-
-    def __init__(self, loader: TrainLoader) -> None:
-        self.loader = loader
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.loader.load_state_dict(state)
-
-
 class NonFiniteLossError(RuntimeError):
     pass
 
@@ -157,7 +144,8 @@ class Trainer:
             model_parts=self.model_parts,
             optimizer=self.optimizers.optimizers,
             scheduler=self.scheduler,
-            loader=self.loader if self._writes_loader_state() else _LoadOnly(self.loader),
+            loader=self.loader,
+            saves_loader_state=self._saves_loader_state(),
         )
         self.preemption = PreemptionWatcher()  # before the (possibly long) load: a stop then still saves
         state = self.checkpointer.load() or {}
@@ -176,7 +164,7 @@ class Trainer:
             config=cfg.to_dict(),
         )
 
-    def _writes_loader_state(self) -> bool:
+    def _saves_loader_state(self) -> bool:
         """TP, CP and PP ranks of one data-parallel rank read the same streams: one of them saves them."""
         world = self.meshes["world"]
         return all(world[name].get_local_rank() == 0 for name in ("tp", "cp", "pp"))
