@@ -77,7 +77,7 @@ def launch(cfg: DictConfig) -> float | SubmittedJob | None:
     rank0 = int(os.environ.get("RANK", 0)) == 0
     if rank0:
         write_provenance(run_dir, config, list(hydra_cfg.overrides.task), sys.argv)
-    log.info("run directory: %s%s", run_dir, f" (resuming from step {start})" if start else "")
+    log.info("run directory: %s%s", run_dir, f" (resuming from step {start})" if start is not None else "")
     if to_slurm:
         job = submit(run_cfg, run_dir)
         print(job, flush=True)
