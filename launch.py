@@ -18,13 +18,13 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from titan.cluster import jobstate
-from titan.cluster.rundir import ResumeRefused, check_resume, write_provenance
-from titan.cluster.slurm import SubmittedJob, export_srun_task_env, preflight, submit
-from titan.config import resolvers
-from titan.config.build import ConfigError, build_run_config
-from titan.config.sweeps import register_sweeps
-from titan.config.validate import nproc_per_node, validate, validate_data
+from titan.config.errors import ConfigError
+from titan.launch import jobstate, resolvers
+from titan.launch.build import build_run_config
+from titan.launch.rundir import ResumeRefused, check_resume, write_provenance
+from titan.launch.slurm import SubmittedJob, export_srun_task_env, preflight, submit
+from titan.launch.sweeps import register_sweeps
+from titan.launch.validate import nproc_per_node, validate, validate_data
 
 resolvers.register()
 register_sweeps(Path(__file__).parent / "sweeps")
@@ -89,7 +89,7 @@ def launch(cfg: DictConfig) -> float | SubmittedJob | None:
         if is_rank or world == 1:
             result = track(trainer.run(run_cfg))
         else:
-            from titan.cluster.local import launch_local
+            from titan.launch.local import launch_local
 
             result = track(launch_local(run_cfg, world))
     return result.get("loss")

@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from titan.checkpoint import Checkpointer
+from titan.checkpoint.manager import Checkpointer
 from titan.config.schema import CheckpointConfig, OptimizerConfig
-from titan.models.llama.model import ModelArgs, Transformer, num_params
+from titan.models.llama.args import ModelArgs, num_params
+from titan.models.llama.model import Transformer
 from titan.train.loss import cross_entropy_sum
 from titan.train.optim import LRSchedulers, Optimizers
 

@@ -32,7 +32,7 @@ class SlurmLauncher(SweepLauncher):
         self.job_ids: list[str] = []  # this sweep's jobs, in order (the max_concurrent chain spans batches)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from titan.cluster.slurm import SubmittedJob, start_after
+        from titan.launch.slurm import SubmittedJob, start_after
 
         self.start_sweep()
         chosen = self.config.hydra.runtime.choices.get("cluster")
@@ -56,8 +56,8 @@ class SlurmLauncher(SweepLauncher):
 
     def _wait(self, returns: list[JobReturn]) -> None:
         """Replace each submitted point's return value by its final loss; failures become FAILED."""
-        from titan.cluster import jobstate
-        from titan.tools.report import read_metrics
+        from titan.launch import jobstate
+        from titan.launch.report import read_metrics
 
         waiting = {i: r._return_value for i, r in enumerate(returns) if r.status == JobStatus.COMPLETED}
         print(f"Waiting for {len(waiting)} jobs", flush=True)

@@ -4,8 +4,8 @@ import shutil
 from pathlib import Path
 
 from tests.utils import tiny_config
-from titan.cluster.local import launch_local
 from titan.config.schema import RunConfig
+from titan.launch.local import launch_local
 from titan.train.trainer import run
 
 STEPS = 20

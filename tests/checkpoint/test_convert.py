@@ -7,7 +7,8 @@ import torch
 
 from tests.checkpoint.common import one_rank_config
 from tests.utils import TINY_MODEL, read_model
-from titan.models.llama.model import ModelArgs, Transformer
+from titan.models.llama.args import ModelArgs
+from titan.models.llama.model import Transformer
 from titan.tools.convert import (
     HF_INDEX,
     dcp_to_hf,

@@ -10,7 +10,7 @@ from torch.distributed.checkpoint.filesystem import FileSystemWriter
 
 from tests.checkpoint.common import one_rank_config, relaunch
 from tests.utils import TINY_MODEL, read_metrics, read_model
-from titan.checkpoint import CheckpointLoadError, CheckpointSaveError, config_problems
+from titan.checkpoint.manager import CheckpointLoadError, CheckpointSaveError, config_problems
 from titan.config.schema import CheckpointConfig
 from titan.train.trainer import run
 

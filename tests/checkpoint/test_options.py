@@ -7,12 +7,12 @@ import shutil
 import pytest
 import torch
 
-import titan.checkpoint
+import titan.checkpoint.manager
 from tests.checkpoint.common import launch, one_rank_config, relaunch
 from tests.utils import TINY_MODEL, read_metrics, read_model
-from titan.checkpoint import PARTS, CheckpointLoadError, read_metadata
+from titan.checkpoint.manager import PARTS, CheckpointLoadError, read_metadata
+from titan.models.llama.init import init_weights
 from titan.models.llama.model import Transformer
-from titan.parallel.init import init_weights
 from titan.tools.convert import dcp_to_hf, main, read_dcp_model
 from titan.train.trainer import Trainer, run
 
@@ -44,7 +44,7 @@ def test_retention_never_purges_the_checkpoint_just_written(tmp_path):
 
 def test_interval_s_saves_by_rank_0_clock(tmp_path, monkeypatch):
     ticks = iter(range(1000))  # a clock that advances one second at every reading
-    monkeypatch.setattr(titan.checkpoint, "_now", lambda: float(next(ticks)))
+    monkeypatch.setattr(titan.checkpoint.manager, "_now", lambda: float(next(ticks)))
     run(one_rank_config(tmp_path, steps=8, interval=1000, interval_s=2.5, keep_latest_k=0))
     # read at start (0); steps 1-3 read 1, 2, 3: due, the save reads 4; steps 4-6 read 5-7: due ...
     assert names(tmp_path / "checkpoints") == ["step-3", "step-6", "step-8"]

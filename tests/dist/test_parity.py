@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 
 from tests.utils import read_metrics, read_model, tiny_config
-from titan.cluster.local import launch_local
+from titan.launch.local import launch_local
 
 pytestmark = pytest.mark.slow
 

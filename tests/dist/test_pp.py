@@ -1,4 +1,4 @@
-"""Pipeline parallelism (titan/models/llama/pipeline.py, titan/parallel/pp.py) against one process.
+"""Pipeline parallelism (titan/models/llama/pipeline.py, titan/distributed/pp.py) against one process.
 
 Tolerance: loss, every gradient and the grad norm within 1e-5 relative (fp32; for a gradient, the
 norm of the difference over the norm of the reference). A pipeline runs the same math per microbatch
@@ -19,14 +19,15 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from tests.multirank import spawn_ranks
 from titan.config.schema import ParallelismConfig
-from titan.models.llama.model import ModelArgs, Transformer
+from titan.models.llama.args import ModelArgs
+from titan.models.llama.model import Transformer
 from titan.models.llama.pipeline import build_stage_model, split_layers, stages_for_layers_per_stage
-from titan.parallel.ac import apply_ac
-from titan.parallel.compile import compile_blocks
-from titan.parallel.fsdp import apply_ddp, apply_fsdp
-from titan.parallel.mesh import ParallelDims
-from titan.parallel.pp import build_pipeline, grad_norm, plan_pipeline, stage_ids
-from titan.parallel.tp import apply_tp
+from titan.distributed.ac import apply_ac
+from titan.distributed.compile import compile_blocks
+from titan.distributed.fsdp import apply_ddp, apply_fsdp
+from titan.distributed.mesh import ParallelDims
+from titan.distributed.pipeline import build_pipeline, grad_norm, plan_pipeline, stage_ids
+from titan.models.llama.tp import apply_tp
 from titan.train.loss import cross_entropy_sum
 
 TINY = ModelArgs(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=128, ffn_dim=128, max_seq_len=64)

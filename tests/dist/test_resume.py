@@ -5,7 +5,7 @@ import pytest
 
 from tests.checkpoint.common import rewind
 from tests.utils import read_metrics, tiny_config
-from titan.cluster.local import launch_local
+from titan.launch.local import launch_local
 from titan.config.schema import OptimizerConfig
 
 pytestmark = pytest.mark.slow

@@ -7,13 +7,14 @@ import torch
 
 # GQA (4 query heads on 2 kv heads) and Llama 3.1 rope scaling with all three bands present.
 from tests.models.test_model import TINY
+from titan.models.llama.args import ModelArgs
 from titan.models.llama.hf_adapter import (
     from_hf_config,
     from_hf_state_dict,
     to_hf_config,
     to_hf_state_dict,
 )
-from titan.models.llama.model import ModelArgs, Transformer
+from titan.models.llama.model import Transformer
 
 transformers = pytest.importorskip("transformers")
 MODEL_CONFIGS = Path(__file__).resolve().parents[2] / "conf" / "model"

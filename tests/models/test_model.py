@@ -7,16 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from titan.models.llama.model import (
-    INIT_STD,
-    ModelArgs,
-    Transformer,
-    apply_rotary_emb,
-    flops_per_token,
-    num_params,
-    rope_cache,
-    rope_frequencies,
-)
+from titan.models.llama.args import ModelArgs, flops_per_token, num_params
+from titan.models.llama.model import INIT_STD, Transformer, apply_rotary_emb, rope_cache, rope_frequencies
 
 # head_dim 16 and original context 64: the rope bands are "kept" (wavelength 6.3 < 16),
 # "interpolated" (32) and "divided by the factor" (163 and longer), so scaling is exercised.

@@ -8,7 +8,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from tests.models.test_model import DEBUG
-from titan.models.llama.model import ModelArgs, Transformer, num_params
+from titan.models.llama.args import ModelArgs, num_params
+from titan.models.llama.model import Transformer
 
 MODEL_CONFIGS = Path(__file__).resolve().parents[2] / "conf" / "model"
 
@@ -34,7 +35,7 @@ COMMON = {
 
 def load(option: str) -> ModelArgs:
     node = OmegaConf.load(MODEL_CONFIGS / f"{option}.yaml")
-    assert node._target_ == "titan.models.llama.model.ModelArgs"
+    assert node._target_ == "titan.models.llama.args.ModelArgs"
     # every field written out, none left to the dataclass defaults
     assert set(node.keys()) - {"_target_"} == set(ModelArgs.__dataclass_fields__)
     args = instantiate(node)

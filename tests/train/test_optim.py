@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from titan.config.schema import OptimizerConfig
-from titan.models.llama.model import ModelArgs, Transformer
+from titan.models.llama.args import ModelArgs
+from titan.models.llama.model import Transformer
 from titan.train.optim import build_optimizer, build_scheduler, lr_factor, param_groups
 
 

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from titan.models.llama.model import ModelArgs
+from titan.models.llama.args import ModelArgs
 
 
 @dataclass(frozen=True)

@@ -36,10 +36,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from titan.checkpoint import EXPORT_DTYPES, PARTIAL_SUFFIX, read_metadata
+from titan.checkpoint.manager import EXPORT_DTYPES, PARTIAL_SUFFIX, read_metadata
+from titan.models.llama.args import ModelArgs
 from titan.models.llama.hf_adapter import from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
-from titan.models.llama.model import ModelArgs, Transformer
-from titan.parallel.init import init_weights
+from titan.models.llama.init import init_weights
+from titan.models.llama.model import Transformer
 
 MAX_SHARD_BYTES = 5 * 2**30  # Hugging Face's default shard size
 HF_INDEX = "model.safetensors.index.json"

@@ -15,21 +15,22 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from titan.checkpoint import Checkpointer, complete_steps
-from titan.cluster.preempt import PreemptionWatcher
-from titan.cluster.rundir import setup_rank_logging
+from titan.checkpoint.manager import Checkpointer, complete_steps
 from titan.config.schema import RunConfig
 from titan.data.loader import TrainLoader
-from titan.metrics import MetricsLogger
-from titan.models.llama.model import Transformer, flops_per_token
+from titan.distributed.cp import apply_cp, shard_sequence
+from titan.distributed.fsdp import DTYPES
+from titan.distributed.mesh import ParallelDims, device_for
+from titan.distributed.pipeline import build_pipeline, grad_norm
+from titan.models.llama.args import flops_per_token
+from titan.models.llama.init import init_weights
+from titan.models.llama.model import Transformer
 from titan.models.llama.parallelize import parallelize_llama
-from titan.parallel.cp import apply_cp, shard_sequence
-from titan.parallel.fsdp import DTYPES
-from titan.parallel.init import init_weights
-from titan.parallel.mesh import ParallelDims, device_for
-from titan.parallel.pp import build_pipeline, grad_norm
+from titan.train.logs import setup_rank_logging
 from titan.train.loss import cross_entropy_sum
+from titan.train.metrics import MetricsLogger
 from titan.train.optim import LRSchedulers, Optimizers
+from titan.train.preempt import PreemptionWatcher
 
 log = logging.getLogger("titan")
 

@@ -10,7 +10,7 @@ import re
 
 import torch
 
-from titan.models.llama.model import ModelArgs
+from titan.models.llama.args import ModelArgs
 
 # Names inside block N: titan `layers.N.<key>` <-> HF `model.layers.N.<value>`.
 _BLOCK_NAMES = {

@@ -6,12 +6,12 @@ Context parallelism needs the materialized rope table, so the trainer applies it
 from torch.distributed.device_mesh import DeviceMesh
 
 from titan.config.schema import ParallelismConfig, TrainingConfig
+from titan.distributed.ac import apply_ac
+from titan.distributed.compile import compile_blocks
+from titan.distributed.fsdp import apply_ddp, apply_fsdp
+from titan.distributed.mesh import ParallelDims
 from titan.models.llama.model import Transformer
-from titan.parallel.ac import apply_ac
-from titan.parallel.compile import compile_blocks
-from titan.parallel.fsdp import apply_ddp, apply_fsdp
-from titan.parallel.mesh import ParallelDims
-from titan.parallel.tp import apply_tp, enable_async_tp
+from titan.models.llama.tp import apply_tp, enable_async_tp
 
 
 def parallelize_llama(

@@ -3,7 +3,7 @@
 A stage is a whole `Transformer` with the blocks of other stages deleted: the first stage keeps the
 token embedding, the last the final norm and output projection. Parameter names stay those of the
 full model ("layers.7.attention.wq.weight"), so checkpoints, initialisation and Hugging Face
-conversion see one model however it is cut. No distributed code here: titan/parallel/pp.py places
+conversion see one model however it is cut. No distributed code here: titan/distributed/pp.py places
 stages on ranks and runs the schedule.
 """
 
@@ -11,7 +11,8 @@ import math
 
 import torch
 
-from titan.models.llama.model import ModelArgs, Transformer
+from titan.models.llama.args import ModelArgs
+from titan.models.llama.model import Transformer
 
 
 def stages_for_layers_per_stage(n_layers: int, layers_per_stage: int) -> int:

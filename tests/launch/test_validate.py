@@ -1,8 +1,8 @@
 import pytest
 
-from titan.config.build import ConfigError
+from titan.config.errors import ConfigError
 from titan.config.schema import RunConfig
-from titan.config.validate import validate
+from titan.launch.validate import validate
 
 
 def base() -> RunConfig:
@@ -99,7 +99,7 @@ def test_async_tp_wiring_turns_on_inductor_micro_pipelining(monkeypatch):
     import torch
     import torch.distributed._symmetric_memory as symm
 
-    from titan.parallel.tp import enable_async_tp
+    from titan.models.llama.tp import enable_async_tp
 
     registered = []
     monkeypatch.setattr(symm, "enable_symm_mem_for_group", registered.append)

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from titan.models.llama.model import ModelArgs, Transformer
+from titan.models.llama.args import ModelArgs
+from titan.models.llama.model import Transformer
 
 
 @torch.no_grad()

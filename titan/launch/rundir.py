@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from titan.checkpoint import checkpoint_folder, complete_steps
+from titan.checkpoint.manager import checkpoint_folder, complete_steps
 
 log = logging.getLogger("titan")
 
@@ -152,23 +152,3 @@ def write_provenance(run_dir: Path, config: dict, overrides: list[str], argv: li
     (run_dir / "env.txt").write_text(_env_report())
     with open(run_dir / "cmd.txt", "a") as f:  # one line per launch: the history of restarts
         f.write(json.dumps({"cwd": os.getcwd(), "argv": argv}) + "\n")
-
-
-def setup_rank_logging(run_dir: Path, rank: int) -> None:
-    """Every rank logs to logs/rank<N>.log; rank 0 also to the console."""
-    logs = run_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(message)s", "%H:%M:%S")
-    logger = logging.getLogger("titan")
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    for h in list(logger.handlers):
-        logger.removeHandler(h)
-        h.close()
-    file_handler = logging.FileHandler(logs / f"rank{rank}.log")
-    file_handler.setFormatter(fmt)
-    logger.addHandler(file_handler)
-    if rank == 0:
-        console = logging.StreamHandler(sys.stderr)
-        console.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(console)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # A small, fast model and run: everything else is the `make train` default (FSDP over 2 ranks).
 SMALL = ["model.n_layers=2", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=128"]
 SMALL += ["training.seq_len=32", "metrics.log_freq=2", "checkpoint.interval=2", "optimizer.warmup_steps=1"]

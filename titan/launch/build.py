@@ -11,16 +11,13 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from titan.config.errors import ConfigError
 from titan.config.schema import RunConfig
 
 # A config may only build titan's own objects and torch optimizers: a YAML file or an override must
 # not be able to run arbitrary code through `_target_`.
 ALLOWED_TARGETS = ("titan.", "torch.optim.")
 GROUPS = tuple(f.name for f in dataclasses.fields(RunConfig))
-
-
-class ConfigError(ValueError):
-    """A configuration problem, with the keys involved and a fix."""
 
 
 def _import_target(path: str) -> Any:

@@ -5,11 +5,11 @@ import shutil
 
 import pytest
 
-from tests.cluster.slurm_utils import TINY, job_ids, launch, requires_slurm, run_dir_of, slurm, wait_for_job
+from tests.launch.slurm_utils import TINY, job_ids, launch, requires_slurm, run_dir_of, slurm, wait_for_job
 from tests.utils import tiny_config
-from titan.cluster import jobstate
-from titan.cluster.slurm import SlurmClusterConfig, preflight
-from titan.config.build import ConfigError
+from titan.config.errors import ConfigError
+from titan.launch import jobstate
+from titan.launch.slurm import SlurmClusterConfig, preflight
 
 pytestmark = [pytest.mark.slow, requires_slurm]
 

@@ -6,8 +6,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from titan.config import resolvers
-from titan.config.sweeps import register_sweeps
+from titan.launch import resolvers
+from titan.launch.sweeps import register_sweeps
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONF = os.path.join(REPO, "conf")

@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn import Module
 
 from titan.config.schema import ParallelismConfig
-from titan.models.llama.model import ModelArgs
+from titan.models.llama.args import ModelArgs
 from titan.models.llama.pipeline import build_stage_model, split_layers, stages_for_layers_per_stage
 
 SINGLE_STAGE = ("GPipe", "1F1B")

@@ -6,9 +6,9 @@ import os
 import pytest
 import yaml
 
-from tests.config.compose import REPO, SWEEPS, compose_config
-from titan.config.build import build_run_config
-from titan.config.validate import validate, validate_data, world_size
+from tests.launch.compose import REPO, SWEEPS, compose_config
+from titan.launch.build import build_run_config
+from titan.launch.validate import validate, validate_data, world_size
 
 
 def points(name: str) -> list[list[str]]:

@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from titan.cluster.rundir import (
+from titan.launch.rundir import (
     ResumeRefused,
     check_resume,
     config_changes,

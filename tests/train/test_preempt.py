@@ -3,7 +3,7 @@ import signal
 
 import torch.distributed as dist
 
-from titan.cluster.preempt import PreemptionWatcher
+from titan.train.preempt import PreemptionWatcher
 
 
 def test_a_signal_becomes_a_stop_request_and_handlers_are_restored():

@@ -1,4 +1,4 @@
-"""Context parallelism (titan/parallel/cp.py) against the single-process reference, on CPU/gloo.
+"""Context parallelism (titan/distributed/cp.py) against the single-process reference, on CPU/gloo.
 
 Tolerances. Attention (fp32, values of order 1 to 10): atol 1e-6 plus 1e-5 relative; measured
 differences are at most 1.2e-6, a few ulp. CP attention does the same math as full causal SDPA over
@@ -22,9 +22,10 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from tests.multirank import spawn_ranks
-from titan.models.llama.model import ModelArgs, Transformer, repeat_kv
-from titan.parallel.ac import apply_ac
-from titan.parallel.cp import ContextParallelSDPA, apply_cp, cp_positions, shard_sequence, unshard_sequence
+from titan.distributed.ac import apply_ac
+from titan.distributed.cp import ContextParallelSDPA, apply_cp, cp_positions, shard_sequence, unshard_sequence
+from titan.models.llama.args import ModelArgs
+from titan.models.llama.model import Transformer, repeat_kv
 from titan.train.loss import cross_entropy_sum
 
 TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, ffn_dim=128, max_seq_len=64)

@@ -1,9 +1,9 @@
 """The batch script's hooks around srun, run once per attempt of a Slurm job (see slurm.py).
 
-  python -m titan.cluster.attempt begin RUN_DIR
+  python -m titan.launch.attempt begin RUN_DIR
       moves what the previous attempt left (rank logs, task logs, result files) to restarts/<n>/,
       so logs/ and metrics.jsonl only ever describe one history; records `started`.
-  python -m titan.cluster.attempt end RUN_DIR SRUN_STATUS MAX_RETRIES
+  python -m titan.launch.attempt end RUN_DIR SRUN_STATUS MAX_RETRIES
       after srun: a clean exit is recorded; a crash is retried by requeueing the job (same id; the
       next attempt resumes from the newest complete checkpoint) until MAX_RETRIES retries were used
       since the submission, then recorded as failed with its reason. Exits with the job's status.
@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from titan.cluster import jobstate
+from titan.launch import jobstate
 
 # What an attempt leaves behind that the next one would append to or confuse with its own.
 LEFTOVERS = ("logs", "slurm/*_[0-9]*_log.out", "slurm/*_[0-9]*_log.err", "slurm/*_result.pkl")
@@ -76,7 +76,7 @@ def main(argv: list[str]) -> int:
     if command == "end":
         return end(run_dir, int(argv[2]), int(argv[3]))
     raise SystemExit(
-        f"usage: python -m titan.cluster.attempt begin|end RUN_DIR [STATUS MAX_RETRIES]; got {argv}"
+        f"usage: python -m titan.launch.attempt begin|end RUN_DIR [STATUS MAX_RETRIES]; got {argv}"
     )
 
 

@@ -7,8 +7,8 @@ import json
 import pytest
 import yaml
 
-from titan.cluster import jobstate
-from titan.tools import report
+from titan.launch import jobstate, report
+from titan.tools import report as report_tool
 
 
 def make_run(folder, overrides, losses, *, steps, tokens=1000.0, events=()):
@@ -61,11 +61,11 @@ def test_sorting_and_formats(sweep):
 
 
 def test_cli_writes_the_table_and_one_curve_per_run(sweep, capsys):
-    assert report.main([str(sweep), "--sort", "last_loss", "--format", "markdown"]) == 0
+    assert report_tool.main([str(sweep), "--sort", "last_loss", "--format", "markdown"]) == 0
     out = capsys.readouterr().out
     assert out.index("| b |") < out.index("| a |") < out.index("| c |")
     assert (sweep / "report.png").stat().st_size > 10_000
     fig = report.plot(report.report(sweep), sweep / "again.png")
     assert [len(line.get_xdata()) for line in fig.axes[0].get_lines()] == [3, 2, 1]
     (sweep / "empty").mkdir()
-    assert report.main([str(sweep / "empty"), "--no-plot"]) == 1
+    assert report_tool.main([str(sweep / "empty"), "--no-plot"]) == 1

@@ -3,12 +3,12 @@
 Every message names the keys involved and a fix. All problems are reported at once.
 """
 
-from titan.checkpoint import config_problems
-from titan.config.build import ConfigError
+from titan.checkpoint.manager import config_problems
+from titan.config.errors import ConfigError
 from titan.config.schema import RunConfig
-from titan.parallel.ac import AC_MODES
-from titan.parallel.fsdp import DTYPES, RESHARD_CHOICES
-from titan.parallel.mesh import ParallelDims
+from titan.distributed.ac import AC_MODES
+from titan.distributed.fsdp import DTYPES, RESHARD_CHOICES
+from titan.distributed.mesh import ParallelDims
 from titan.train.optim import OPTIMIZERS, SCHEDULES
 
 DATA_SOURCES = ("huggingface", "jsonl", "parquet", "text")
@@ -142,7 +142,7 @@ def _check_model_parallel(errors: list[str], cfg: RunConfig, dims: ParallelDims)
 
 
 def _check_pipeline(errors: list[str], cfg: RunConfig, dims: ParallelDims) -> None:
-    from titan.parallel.pp import SPLIT_BACKWARD, plan_pipeline
+    from titan.distributed.pipeline import SPLIT_BACKWARD, plan_pipeline
 
     p, t = cfg.parallelism, cfg.training
     try:

@@ -4,7 +4,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from titan.assets import asset_path
-from titan.cluster.rundir import run_name_from_overrides
+from titan.launch.rundir import run_name_from_overrides
 
 
 def run_group() -> str:

@@ -6,9 +6,10 @@ import time
 import pytest
 import yaml
 
-from tests.cluster.slurm_utils import TINY, job_ids, launch, metrics, requires_slurm, slurm, wait_for_job
-from titan.cluster.rundir import run_name_from_overrides
-from titan.tools import report
+from tests.launch.slurm_utils import TINY, job_ids, launch, metrics, requires_slurm, slurm, wait_for_job
+from titan.launch import report
+from titan.launch.rundir import run_name_from_overrides
+from titan.tools import report as report_tool
 
 ONE_RANK = [*TINY, "parallelism=single", "cluster.nproc_per_node=1", "training.steps=6"]
 
@@ -53,7 +54,7 @@ def test_a_named_sweep_waits_for_its_jobs_and_the_report_lists_them(tmp_path):
     # the layouts agree (bf16 compute: to a few digits)
     for row in rows[1:]:
         assert row["last_loss"] == pytest.approx(rows[0]["last_loss"], abs=2e-2)
-    assert report.main([str(sweep), "--sort", "last_loss"]) == 0
+    assert report_tool.main([str(sweep), "--sort", "last_loss"]) == 0
     fig = report.plot(rows, tmp_path / "curves.png")
     assert len(fig.axes[0].get_lines()) == len(layouts) and (sweep / "report.png").exists()
 

@@ -12,8 +12,8 @@ What happens to a job (each step leaves an event in `<run dir>/events.jsonl`):
   TERM (scancel, or a preemption that Slurm requeues by itself): save if there is time, exit; titan does
   not requeue, so a user's scancel ends the run.
   A crash (an exception, an OOM kill): srun ends the other ranks (--kill-on-bad-exit) and the batch
-  script's teardown (`titan.cluster.attempt end`) requeues the job, up to cluster.max_retries times.
-Each attempt begins with `titan.cluster.attempt begin`, which moves the previous attempt's logs to
+  script's teardown (`titan.launch.attempt end`) requeues the job, up to cluster.max_retries times.
+Each attempt begins with `titan.launch.attempt begin`, which moves the previous attempt's logs to
 `restarts/`.
 """
 
@@ -32,10 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from titan.cluster import jobstate
-from titan.cluster.snapshot import snapshot_code
-from titan.config.build import ConfigError
+from titan.config.errors import ConfigError
 from titan.config.schema import ClusterConfig, RunConfig
+from titan.launch import jobstate
+from titan.launch.snapshot import snapshot_code
 
 # submitit's max_num_timeout: requeues after a time-out USR2 before the job gives up (preemptions that
 # come well before the time limit are not counted; with time_min <= 10 every USR2 counts). 100 chunks
@@ -197,7 +197,7 @@ class SubmittedJob:
 def sbatch_parameters(cfg: RunConfig, run_dir: Path, code: Path) -> dict[str, Any]:
     """submitit's SlurmExecutor parameters for a run (the sbatch script is `slurm/<job>_submission.sh`)."""
     c = cfg.cluster
-    hooks = f"{shlex.quote(sys.executable)} -m titan.cluster.attempt"
+    hooks = f"{shlex.quote(sys.executable)} -m titan.launch.attempt"
     run = shlex.quote(str(run_dir))
     extra: dict[str, Any] = {
         "requeue": True,  # Slurm may requeue it after a node failure; titan requeues it after a stop

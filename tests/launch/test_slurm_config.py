@@ -4,10 +4,10 @@ from pathlib import Path
 
 from submitit.slurm.slurm import _make_sbatch_string
 
-from tests.config.compose import compose_config
-from titan.cluster.slurm import SlurmClusterConfig, _gpus_in_gres, sbatch_parameters, start_after
-from titan.config.build import build_run_config
-from titan.config.validate import world_size
+from tests.launch.compose import compose_config
+from titan.launch.build import build_run_config
+from titan.launch.slurm import SlurmClusterConfig, _gpus_in_gres, sbatch_parameters, start_after
+from titan.launch.validate import world_size
 
 
 def test_nproc_per_node_defaults_to_the_gpus_else_one():
@@ -79,9 +79,9 @@ def test_every_key_reaches_the_sbatch_script(tmp_path):
         assert line in script.splitlines(), line
     assert "--kill-on-bad-exit=1" in script
     # the code snapshot comes first on the path, then the attempt hooks run around srun with srun's status
-    setup, teardown = script.index("export PYTHONPATH="), script.index("titan.cluster.attempt end")
+    setup, teardown = script.index("export PYTHONPATH="), script.index("titan.launch.attempt end")
     assert f"export PYTHONPATH={run_dir / 'code'}" in script and "PYTHONSAFEPATH=1" in script
-    assert setup < script.index("titan.cluster.attempt begin") < script.index("srun ") < teardown
+    assert setup < script.index("titan.launch.attempt begin") < script.index("srun ") < teardown
     assert script[teardown:].split()[1:5] == ["end", str(run_dir), "$?", "5"]
 
 

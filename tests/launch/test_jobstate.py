@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from titan.cluster import attempt, jobstate
+from titan.launch import attempt, jobstate
 
 
 def events(run_dir, *entries):

@@ -3,10 +3,11 @@ import dataclasses
 import pytest
 from omegaconf import OmegaConf
 
-from tests.config.compose import SWEEPS, compose_config, group_options
-from titan.config.build import ConfigError, build_run_config
+from tests.launch.compose import SWEEPS, compose_config, group_options
+from titan.config.errors import ConfigError
 from titan.config.schema import RunConfig
-from titan.config.validate import validate
+from titan.launch.build import build_run_config
+from titan.launch.validate import validate
 
 GROUPS = ["model", "parallelism", "optimizer", "data", "checkpoint", "cluster", "experiment"]
 # Options whose mandatory keys (`???`) a user must give; the values here stand in for them.

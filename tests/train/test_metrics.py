@@ -6,9 +6,9 @@ import sys
 import pytest
 import torch
 
-from titan import metrics
 from titan.config.schema import MetricsConfig
-from titan.metrics import MetricsLogger, device_peak_tflops, format_line, memory_stats
+from titan.train import metrics
+from titan.train.metrics import MetricsLogger, device_peak_tflops, format_line, memory_stats
 
 CPU = torch.device("cpu")
 GPU = torch.device("cuda", 0)  # never touched: the name lookup and memory calls are patched

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from tests.cluster.slurm_utils import (
+from tests.launch.slurm_utils import (
     REPO,
     TINY,
     env,
