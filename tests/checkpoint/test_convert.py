@@ -7,17 +7,12 @@ import torch
 
 from tests.checkpoint.common import one_rank_config
 from tests.utils import TINY_MODEL, read_model
+from titan.checkpoint.dcp_model import read_dcp_model, write_dcp_model
+from titan.checkpoint.hf import HF_INDEX, dcp_to_hf, read_hf
 from titan.models.llama.args import ModelArgs
+from titan.models.llama.meta_adapter import meta_params_to_args
 from titan.models.llama.model import Transformer
-from titan.tools.convert import (
-    HF_INDEX,
-    dcp_to_hf,
-    main,
-    meta_params_to_args,
-    read_dcp_model,
-    read_hf,
-    write_dcp_model,
-)
+from titan.tools.convert import main
 from titan.train.trainer import run
 
 transformers = pytest.importorskip("transformers")
@@ -125,7 +120,7 @@ ROW = ("wo", "w2")
 
 
 def write_meta_by_hand(folder, weights, shards, embedding_dim):
-    """Meta's format, written here independently of titan.tools.convert."""
+    """Meta's format, written here independently of titan's Meta conversion."""
     folder.mkdir()
     files = [{} for _ in range(shards)]
     for name, tensor in weights.items():

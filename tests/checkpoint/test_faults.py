@@ -10,7 +10,8 @@ from torch.distributed.checkpoint.filesystem import FileSystemWriter
 
 from tests.checkpoint.common import one_rank_config, relaunch
 from tests.utils import TINY_MODEL, read_metrics, read_model
-from titan.checkpoint.manager import CheckpointLoadError, CheckpointSaveError, config_problems
+from titan.checkpoint.manager import CheckpointLoadError, CheckpointSaveError
+from titan.checkpoint.options import config_problems
 from titan.config.schema import CheckpointConfig
 from titan.train.trainer import run
 
@@ -139,7 +140,7 @@ def test_config_problems_name_the_keys():
     problems = "\n".join(config_problems(bad))
     for key in ("mode", "on_error", "export_dtype", "exclude_from_loading", "keep_latest_k"):
         assert f"checkpoint.{key}=" in problems
-    assert config_problems(CheckpointConfig(export_hf=True)) == [
+    assert config_problems(CheckpointConfig(enable=False, export_hf=True)) == [
         "checkpoint.export_hf=true exports the final checkpoint: set checkpoint.enable=true"
     ]
     assert config_problems(CheckpointConfig()) == []

@@ -10,10 +10,14 @@ import torch
 import titan.checkpoint.manager
 from tests.checkpoint.common import launch, one_rank_config, relaunch
 from tests.utils import TINY_MODEL, read_metrics, read_model
-from titan.checkpoint.manager import PARTS, CheckpointLoadError, read_metadata
+from titan.checkpoint.dcp_model import read_dcp_model
+from titan.checkpoint.format import read_metadata
+from titan.checkpoint.hf import dcp_to_hf
+from titan.checkpoint.manager import CheckpointLoadError
+from titan.checkpoint.options import PARTS
 from titan.models.llama.init import init_weights
 from titan.models.llama.model import Transformer
-from titan.tools.convert import dcp_to_hf, main, read_dcp_model
+from titan.tools.convert import main
 from titan.train.trainer import Trainer, run
 
 

@@ -1,20 +1,9 @@
 """Distributed checkpoints (DCP) of a run: saved in the background, committed atomically, found again
 by scanning, loaded onto any parallel layout.
 
-A save writes `step-N.partial/` and rank 0 renames it to `step-N/` once every rank's data and the
-metadata are on disk, so a directory named `step-N` is always complete: a crash mid-save leaves only
-a `.partial` directory, which resume skips with a warning. Checkpoints live in `<run dir>/checkpoints`
-or in `checkpoint.folder` (a relative folder is taken relative to the run dir).
-
-Layout of one step directory:
-  `*.distcp`, `.metadata`      model and optimizer (DCP; reshardable to any layout)
-  `train_state.json`           step, tokens seen, LR schedule, whether the model is all it holds (rank 0)
-  `model.json`                 the model's hyper-parameters (ModelArgs), for conversions (rank 0)
-  `loader/stream-NNNNN.json`   each logical data stream's position (written by the rank that owns it)
-  `rng/rank-NNNNN.json`        each rank's torch RNG state
-titan's own non-tensor state is JSON, so reading it never unpickles anything; DCP's `.metadata` file
-and the optimizer's hyper-parameters inside DCP are pickles: load checkpoints only from sources you
-trust.
+A save writes `step-N.partial/` (the layout is in `format.py`) and rank 0 commits it to `step-N/` once
+every rank's data and the metadata are on disk. Rank 0 writes `train_state.json` and `model.json`;
+each data stream's position is written by the rank that owns it, each rank's RNG state by that rank.
 
 Modes: `sync` writes before training goes on; `thread` and `process` copy the state to CPU memory
 (pinned on CUDA) and write it in a background thread or process, over a gloo group of their own. At
@@ -29,23 +18,17 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import datetime
-import json
 import logging
-import os
-import re
 import shutil
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -57,20 +40,32 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from titan.checkpoint.compat import compare_with_checkpoint, model_args_diff
+from titan.checkpoint.format import (
+    PURGING_SUFFIX,
+    begin,
+    checkpoint_folder,
+    commit,
+    complete_steps,
+    hf_dir,
+    partial_dir,
+    read_loader_states,
+    read_rng_state,
+    read_train_state,
+    scan,
+    set_aside,
+    step_dir,
+    write_loader_state,
+    write_model_args,
+    write_rng_state,
+    write_train_state,
+)
+from titan.checkpoint.hf import dcp_to_hf, read_hf
+from titan.checkpoint.options import EXPORT_DTYPES, PARTS, config_problems
 from titan.config.schema import CheckpointConfig
 
 log = logging.getLogger("titan")
 
-MODES = ("sync", "thread", "process")
-PARTS = ("model", "optimizer", "lr_scheduler", "dataloader", "train_state")
-EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ON_ERROR = ("raise", "warn")
-
-PARTIAL_SUFFIX = ".partial"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-_PARTIAL_DIR = re.compile(r"^step-(\d+)\.partial$")
-# A checkpoint being purged is renamed first, so a crash mid-delete never leaves a damaged `step-N`.
-PURGING_SUFFIX = ".purging"
 # Flattened optimizer state ("state.<param name>.exp_avg"): keyed by parameter name only, so it loads
 # into any layout, also one where each pipeline stage holds only some of the parameters.
 _OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
@@ -93,84 +88,6 @@ class CheckpointSaveError(RuntimeError):
     """A save that failed (on any rank); the previous checkpoint is left complete."""
 
 
-def checkpoint_folder(run_dir: Path | str, folder: str | None) -> Path:
-    """`checkpoint.folder`, or `<run dir>/checkpoints`; a relative folder is relative to the run dir."""
-    if not folder:
-        return Path(run_dir) / "checkpoints"
-    return Path(run_dir) / folder if not Path(folder).is_absolute() else Path(folder)
-
-
-def step_dir(folder: Path, step: int) -> Path:
-    return Path(folder) / f"step-{step}"
-
-
-def _scan(folder: Path) -> tuple[list[int], dict[int, Path]]:
-    """(complete steps ascending, {step: its interrupted `.partial` directory})."""
-    if not Path(folder).is_dir():
-        return [], {}
-    steps, partial = [], {}
-    for entry in Path(folder).iterdir():
-        if m := _PARTIAL_DIR.match(entry.name):
-            partial[int(m.group(1))] = entry
-        elif (m := _STEP_DIR.match(entry.name)) and entry.is_dir():
-            steps.append(int(m.group(1)))
-    return sorted(steps), dict(sorted(partial.items()))
-
-
-def complete_steps(folder: Path) -> list[int]:
-    """Steps with a complete checkpoint, ascending. Warns about partial (interrupted) saves."""
-    steps, partial = _scan(folder)
-    for entry in partial.values():
-        log.warning("skipping incomplete checkpoint %s (a save that did not finish)", entry)
-    return steps
-
-
-def config_problems(cfg: CheckpointConfig) -> list[str]:
-    """Every problem with the checkpoint keys, each naming the key and the valid values."""
-    problems = []
-    if cfg.mode not in MODES:
-        problems.append(f"checkpoint.mode={cfg.mode!r} is not one of {', '.join(MODES)}")
-    if cfg.on_error not in ON_ERROR:
-        problems.append(f"checkpoint.on_error={cfg.on_error!r} is not one of {', '.join(ON_ERROR)}")
-    if cfg.export_dtype not in EXPORT_DTYPES:
-        problems.append(
-            f"checkpoint.export_dtype={cfg.export_dtype!r} is not one of {', '.join(EXPORT_DTYPES)}"
-        )
-    unknown = [p for p in cfg.exclude_from_loading if p not in PARTS]
-    if unknown:
-        problems.append(f"checkpoint.exclude_from_loading={unknown} may only name {', '.join(PARTS)}")
-    if cfg.interval < 1:
-        problems.append(f"checkpoint.interval={cfg.interval} must be >= 1")
-    if cfg.interval_s < 0:
-        problems.append(f"checkpoint.interval_s={cfg.interval_s} must be >= 0 (0: off)")
-    if cfg.keep_latest_k < 0:
-        problems.append(f"checkpoint.keep_latest_k={cfg.keep_latest_k} must be >= 0 (0 keeps all)")
-    if cfg.load_step is not None and cfg.load_step < 0:
-        problems.append(f"checkpoint.load_step={cfg.load_step} must be >= 0 or null (the newest)")
-    if cfg.export_hf and not cfg.enable:
-        problems.append("checkpoint.export_hf=true exports the final checkpoint: set checkpoint.enable=true")
-    return problems
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename durable (the directory entry itself is data)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _rng_state() -> dict:
     state = {"cpu": torch.get_rng_state().tolist()}
     if torch.cuda.is_available():
@@ -182,78 +99,6 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(torch.tensor(state["cpu"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
-
-
-def _flat_keys(state: dict, prefix: str = "") -> dict[str, Any]:
-    """DCP's names for the leaves of a nested state dict ("model.layers.0.attention.wq.weight")."""
-    out = {}
-    for key, value in state.items():
-        if isinstance(value, dict):
-            out.update(_flat_keys(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def _shape(value: Any) -> list[int] | None:
-    return list(value.shape) if isinstance(value, torch.Tensor) else None
-
-
-def read_metadata(path: Path):
-    """DCP's metadata of a step directory (a pickle: see the module docstring)."""
-    if not (Path(path) / ".metadata").is_file():
-        raise FileNotFoundError(f"{path} has no .metadata file")
-    return FileSystemReader(str(path)).read_metadata()
-
-
-def compare_with_checkpoint(path: Path, state: dict, *, group=None) -> list[str]:
-    """What differs between a state dict to load and a checkpoint's metadata, one line per tensor.
-
-    Every tensor to load must be in the checkpoint with the same global shape, and the checkpoint
-    must hold no model tensor that the model lacks (DCP would silently leave it out). With a process
-    group the ranks pool what they hold (a pipeline stage holds some of the model) and all get the
-    same answer.
-    """
-    saved = read_metadata(path).state_dict_metadata
-    wanted = _flat_keys(state)
-    lines = []
-    for key, value in wanted.items():
-        if key not in saved:
-            lines.append(f"{key}: not in the checkpoint")
-        elif isinstance(value, torch.Tensor):
-            meta = saved[key]
-            if not isinstance(meta, TensorStorageMetadata):
-                lines.append(f"{key}: the checkpoint holds a non-tensor value")
-            elif list(meta.size) != _shape(value):
-                lines.append(f"{key}: saved shape {list(meta.size)}, this run's {_shape(value)}")
-    held = [key for key in wanted if key.startswith("model.")]
-    if group is not None:
-        everyone: list = [None] * dist.get_world_size(group)
-        dist.all_gather_object(everyone, (lines, held), group=group)
-        lines = list(dict.fromkeys(line for rank_lines, _ in everyone for line in rank_lines))
-        held = [key for _, rank_held in everyone for key in rank_held]
-    if held:
-        held_set = set(held)
-        lines += [
-            f"{key}: in the checkpoint, not in this model"
-            for key in saved
-            if key.startswith("model.") and key not in held_set
-        ]
-    return lines
-
-
-def _model_args_diff(path: Path, model) -> list[str]:
-    """ModelArgs fields that differ from those the checkpoint was saved with (its model.json)."""
-    args = getattr(model, "args", None)
-    file = Path(path) / "model.json"
-    if args is None or not file.is_file():
-        return []
-    saved, current = json.loads(file.read_text()), dataclasses.asdict(args)
-    return [
-        f"model.{k}: saved {saved.get(k)!r}, this run {current.get(k)!r}"
-        for k in current
-        if saved.get(k) != current.get(k)
-    ]
 
 
 @dataclass
@@ -343,12 +188,12 @@ class Checkpointer:
         self.wait()
         self._last_save_s = _now()
         model_only = final and self.cfg.model_only
-        partial = step_dir(self.folder, step).with_name(f"step-{step}{PARTIAL_SUFFIX}")
+        path = step_dir(self.folder, step)
+        partial = partial_dir(path)
         error, state = None, None
         if self.rank == 0:
             try:
-                shutil.rmtree(partial, ignore_errors=True)  # left over from an interrupted save of this step
-                partial.mkdir(parents=True)
+                begin(path)
             except _ERRORS as e:
                 error = e
         # Also the barrier after which every rank finds the directory.
@@ -367,7 +212,7 @@ class Checkpointer:
         if self.cfg.mode == "sync" or final:
             self.wait()
         self.last_stall_s = time.perf_counter() - start
-        return step_dir(self.folder, step)
+        return path
 
     def _start_write(self, state: dict, partial: Path) -> concurrent.futures.Future:
         """Write the tensors: now (sync), or from a CPU copy in a background thread or process."""
@@ -390,16 +235,16 @@ class Checkpointer:
 
     def _write_side_files(self, partial: Path, step: int, train_state: dict, model_only: bool) -> None:
         for name, state in (self.loader.state_dict() if self.saves_loader_state else {}).items():
-            _write_json(partial / "loader" / f"{name}.json", state)
-        _write_json(partial / "rng" / f"rank-{self.rank:05d}.json", _rng_state())
+            write_loader_state(partial, name, state)
+        write_rng_state(partial, self.rank, _rng_state())
         if self.rank == 0:
             state = {**train_state, "scheduler": self.scheduler.state_dict(), "model_only": model_only}
             if model_only:
                 state["dtype"] = self.cfg.export_dtype
-            _write_json(partial / "train_state.json", state)
+            write_train_state(partial, state)
             args = getattr(self.model, "args", None)
             if args is not None:
-                _write_json(partial / "model.json", dataclasses.asdict(args))
+                write_model_args(partial, args)
 
     def _save_state(self, model_only: bool) -> dict:
         model = self._model_state()
@@ -441,7 +286,8 @@ class Checkpointer:
         error = None
         if self.rank == 0:
             try:
-                self._commit(pending.step, pending.partial)
+                # A re-save of a step (after loading an older one) sets the old one aside for the purge.
+                commit(pending.partial, step_dir(self.folder, pending.step))
             except _ERRORS as e:
                 error = e
         if self._failures(error, pending.step, pending.partial):
@@ -466,7 +312,7 @@ class Checkpointer:
         dist.all_gather_object(messages, mine, group=self._control)
         if self.rank == 0:
             shutil.rmtree(partial, ignore_errors=True)  # frees the space a full disk needs back
-        steps, _ = _scan(self.folder)
+        steps, _ = scan(self.folder)
         kept = (
             f"the newest complete checkpoint is {step_dir(self.folder, steps[-1])}"
             if steps
@@ -482,15 +328,6 @@ class Checkpointer:
             "checkpoint.on_error=warn to train on without this checkpoint."
         ) from error
 
-    def _commit(self, step: int, partial: Path) -> None:
-        final = step_dir(self.folder, step)
-        if final.exists():  # a re-save of the same step (e.g. after loading an older step)
-            aside = final.with_name(final.name + PURGING_SUFFIX)
-            shutil.rmtree(aside, ignore_errors=True)
-            os.replace(final, aside)
-        os.replace(partial, final)
-        _fsync_dir(self.folder)
-
     def _start_purge(self, keep: int) -> None:
         """Delete checkpoints beyond the newest `keep_latest_k` in the background (rank 0).
 
@@ -500,7 +337,7 @@ class Checkpointer:
         """
         if self._purger is not None:
             self._purger.join()
-        steps, partial = _scan(self.folder)
+        steps, partial = scan(self.folder)
         doomed = []
         if self.cfg.keep_latest_k > 0 and steps:
             doomed = [step_dir(self.folder, s) for s in steps[: -self.cfg.keep_latest_k] if s != keep]
@@ -509,9 +346,7 @@ class Checkpointer:
             doomed += [p for s, p in partial.items() if s < steps[-1]]
         try:
             for path in doomed:
-                aside = path.with_name(path.name + PURGING_SUFFIX)
-                shutil.rmtree(aside, ignore_errors=True)
-                os.replace(path, aside)
+                set_aside(path)
         except OSError as e:  # housekeeping: worth a warning, not the run
             log.warning("could not purge old checkpoints in %s: %s", self.folder, e)
         purging = list(self.folder.glob(f"*{PURGING_SUFFIX}"))
@@ -542,14 +377,12 @@ class Checkpointer:
         error = None
         if self.rank == 0:
             try:
-                from titan.tools.convert import dcp_to_hf
-
-                out = self.folder / f"hf-step-{step}"
+                out = hf_dir(self.folder, step)
                 dcp_to_hf(step_dir(self.folder, step), out, dtype=self.cfg.export_dtype)
                 log.info("exported Hugging Face model %s", out)
             except _ERRORS as e:
                 error = e
-        self._failures(error, step, self.folder / f"hf-step-{step}{PARTIAL_SUFFIX}")
+        self._failures(error, step, partial_dir(hf_dir(self.folder, step)))
 
     # ---------------------------------------------------------------------------------- loading
 
@@ -569,7 +402,7 @@ class Checkpointer:
         if want is None:
             return steps[-1] if steps else None
         if want not in steps:
-            partial = step_dir(self.folder, want).with_name(f"step-{want}{PARTIAL_SUFFIX}")
+            partial = partial_dir(step_dir(self.folder, want))
             why = f" ({partial.name} is a save that did not finish)" if partial.exists() else ""
             raise CheckpointLoadError(
                 f"checkpoint.load_step={want}: {self.folder} holds no complete checkpoint of step {want}"
@@ -605,7 +438,7 @@ class Checkpointer:
         except _ERRORS as e:  # DCP's and json's errors do not name the checkpoint
             what = f"{type(e).__name__}: {e}"
             error = (
-                self._load_error(step_dir(self.folder, step), what)
+                self._load_error(step, what)
                 if step is not None
                 else CheckpointLoadError(
                     f"cannot load checkpoint.initial_load_path={self.cfg.initial_load_path}:\n{what}"
@@ -618,27 +451,27 @@ class Checkpointer:
             raise CheckpointLoadError("\n".join(failed)) from error
         return result
 
-    def _load_error(self, path: Path, what: str) -> CheckpointLoadError:
-        older = [s for s in _scan(self.folder)[0] if s < int(path.name.split("-")[1])]
+    def _load_error(self, step: int, what: str) -> CheckpointLoadError:
+        older = [s for s in scan(self.folder)[0] if s < step]
         hint = (
             f"checkpoint.load_step=<N> (older complete steps: {older})"
             if older
             else "checkpoint.load_step=<N>"
         )
         return CheckpointLoadError(
-            f"cannot load checkpoint {path}:\n{what}\nIf it is damaged or from another model, pick another "
+            f"cannot load checkpoint {step_dir(self.folder, step)}:\n{what}\nIf it is damaged or from another model, pick another "
             f"one with {hint}, or start afresh in a new run.name (or with run.resume=never)."
         )
 
     def _load(self, path: Path, step: int) -> dict | None:
-        saved_state = json.loads((path / "train_state.json").read_text())
+        saved_state = read_train_state(path)
         parts = [p for p in PARTS if p not in self.cfg.exclude_from_loading]
         if saved_state.get("model_only"):
             if step == 0:  # a seed checkpoint: at step 0 nothing else has a state yet
                 parts = [p for p in parts if p == "model"]
             elif any(p in parts for p in ("optimizer", "lr_scheduler", "dataloader")):
                 raise self._load_error(
-                    path,
+                    step,
                     "it holds the model weights only (saved with checkpoint.model_only=true), no optimizer, "
                     "schedule or data position. To train on from these weights, add "
                     "checkpoint.exclude_from_loading=[optimizer,lr_scheduler,dataloader].",
@@ -660,9 +493,9 @@ class Checkpointer:
             if differences:
                 shown = "\n".join(f"  {d}" for d in differences[:8])
                 more = f"\n  ... and {len(differences) - 8} more" if len(differences) > 8 else ""
-                args = "\n".join(f"  {d}" for d in _model_args_diff(path, self.model))
+                args = "\n".join(f"  {d}" for d in model_args_diff(path, self.model))
                 raise self._load_error(
-                    path,
+                    step,
                     f"it does not fit this run's model/optimizer:\n{shown}{more}"
                     + (f"\nthe model it was saved with differs in:\n{args}" if args else ""),
                 )
@@ -679,17 +512,15 @@ class Checkpointer:
                     set_optimizer_state_dict(part, optim, loaded, options=_OPTIM_OPTIONS)
 
         if "dataloader" in parts:
-            self.loader.load_state_dict(
-                {p.stem: json.loads(p.read_text()) for p in (path / "loader").glob("stream-*.json")}
-            )
+            self.loader.load_state_dict(read_loader_states(path))
         if "lr_scheduler" in parts and "scheduler" in saved_state:
             self.scheduler.load_state_dict(saved_state["scheduler"])
         log.info("resumed from checkpoint %s (%s)", path, ", ".join(parts))
         if "train_state" not in parts:
             return None
-        rng_file = path / "rng" / f"rank-{self.rank:05d}.json"
-        if rng_file.exists():  # absent when resuming on more ranks than saved, and in seeds
-            _set_rng_state(json.loads(rng_file.read_text()))
+        rng = read_rng_state(path, self.rank)
+        if rng is not None:  # absent when resuming on more ranks than saved, and in seeds
+            _set_rng_state(rng)
         return {k: v for k, v in saved_state.items() if k not in ("scheduler", "model_only", "dtype")}
 
     def load_weights(self, path: Path) -> None:
@@ -717,8 +548,6 @@ class Checkpointer:
         log.info("initial weights from %s", path)
 
     def _load_hf(self, path: Path) -> None:
-        from titan.tools.convert import read_hf
-
         args = getattr(self.model, "args", None)
         weights, hf_args = read_hf(path)
         if args is not None:

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import torch
 
 from titan.config.schema import MetricsConfig
+from titan.files import write_atomic
 
 logger = logging.getLogger("titan")
 
@@ -127,7 +128,7 @@ def _keep_until(path: pathlib.Path, last_step: int) -> dict[str, Any] | None:
     """Drop records after last_step and torn lines from metrics.jsonl; return the last record kept.
 
     Steps after the checkpoint being resumed are logged again, so each step appears once. The file is
-    rewritten through a temp file and os.replace, so a crash now cannot lose the steps kept.
+    replaced atomically, so a crash now cannot lose the steps kept.
     """
     if not path.exists():
         return None
@@ -145,9 +146,7 @@ def _keep_until(path: pathlib.Path, last_step: int) -> dict[str, Any] | None:
         if step <= last_step:
             kept.append(record)
     if len(kept) != len(lines) or (text and not text.endswith("\n")):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, path)
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
     return kept[-1] if kept else None
 
 
