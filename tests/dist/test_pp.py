@@ -1,4 +1,4 @@
-"""Pipeline parallelism (titan/models/llama/pipeline.py, titan/distributed/pp.py) against one process.
+"""Pipeline parallelism (titan/models/llama/pipeline.py, titan/distributed/pipeline.py) against one process.
 
 Tolerance: loss, every gradient and the grad norm within 1e-5 relative (fp32; for a gradient, the
 norm of the difference over the norm of the reference). A pipeline runs the same math per microbatch
@@ -19,14 +19,21 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from tests.multirank import spawn_ranks
 from titan.config.schema import ParallelismConfig
-from titan.models.llama.args import ModelArgs
-from titan.models.llama.model import Transformer
-from titan.models.llama.pipeline import build_stage_model, split_layers, stages_for_layers_per_stage
 from titan.distributed.ac import apply_ac
 from titan.distributed.compile import compile_blocks
 from titan.distributed.fsdp import apply_ddp, apply_fsdp
+from titan.distributed.grad_norm import grad_norm
 from titan.distributed.mesh import ParallelDims
-from titan.distributed.pipeline import build_pipeline, grad_norm, plan_pipeline, stage_ids
+from titan.distributed.pipeline import stage_ids
+from titan.models.llama.args import ModelArgs
+from titan.models.llama.model import Transformer
+from titan.models.llama.pipeline import (
+    build_pipeline,
+    build_stage_model,
+    plan_pipeline,
+    split_layers,
+    stages_for_layers_per_stage,
+)
 from titan.models.llama.tp import apply_tp
 from titan.train.loss import cross_entropy_sum
 
@@ -238,7 +245,7 @@ def _schedule_worker(rank, world, out_dir, case, compile_blocks_first=False):
     for part in pipeline.model_parts:
         apply_ac(part.layers, ac)
         if compile_blocks_first:  # lazy: nothing compiles unless a step runs
-            compile_blocks(part.layers, "aot_eager", tensor_parallel=False)
+            compile_blocks(part.layers, "aot_eager")
         part.to_empty(device="cpu")
         _load(part, state)
     try:
@@ -394,10 +401,10 @@ def test_pipeline_with_data_parallel_matches_single_process(
     [
         # Without the checks these lose gradients (measured: a missing .grad, norm.weight 60% off;
         # composable DDP: tok_embeddings.weight 70% off, every schedule).
-        ("InterleavedZeroBubble", "fsdp", "always", "reshard_after_forward=always) loses gradients"),
-        ("ZBVZeroBubble", "fsdp", "always", "reshard_after_forward=always) loses gradients"),
-        ("DualPipeV", "fsdp", "always", "reshard_after_forward=always) loses gradients"),
-        ("1F1B", "ddp", "default", "bypasses its all-reduce hooks"),
+        ("InterleavedZeroBubble", "fsdp", "always", "reshard_after_forward=always loses gradients"),
+        ("ZBVZeroBubble", "fsdp", "always", "reshard_after_forward=always loses gradients"),
+        ("DualPipeV", "fsdp", "always", "reshard_after_forward=always loses gradients"),
+        ("1F1B", "ddp", "default", "bypasses DDP's all-reduce hooks"),
     ],
     ids=["InterleavedZB-fsdp-reshard", "ZBV-fsdp-reshard", "DualPipeV-fsdp-reshard", "1F1B-composable-ddp"],
 )

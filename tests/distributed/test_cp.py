@@ -1,4 +1,4 @@
-"""Context parallelism (titan/distributed/cp.py) against the single-process reference, on CPU/gloo.
+"""Context parallelism (titan/distributed/cp.py, titan/models/llama/cp.py) against the single-process reference, on CPU/gloo.
 
 Tolerances. Attention (fp32, values of order 1 to 10): atol 1e-6 plus 1e-5 relative; measured
 differences are at most 1.2e-6, a few ulp. CP attention does the same math as full causal SDPA over
@@ -23,8 +23,9 @@ from torch.distributed.tensor import DTensor
 
 from tests.multirank import spawn_ranks
 from titan.distributed.ac import apply_ac
-from titan.distributed.cp import ContextParallelSDPA, apply_cp, cp_positions, shard_sequence, unshard_sequence
+from titan.distributed.cp import ContextParallelSDPA, cp_positions, shard_sequence, unshard_sequence
 from titan.models.llama.args import ModelArgs
+from titan.models.llama.cp import apply_cp
 from titan.models.llama.model import Transformer, repeat_kv
 from titan.train.loss import cross_entropy_sum
 

@@ -14,10 +14,10 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from titan.config.schema import ParallelismConfig, TrainingConfig
 from titan.distributed.mesh import ParallelDims
-from titan.distributed.pipeline import build_pipeline
 from titan.models.llama.args import ModelArgs
 from titan.models.llama.model import Transformer
 from titan.models.llama.parallelize import parallelize_llama
+from titan.models.llama.pipeline import build_pipeline
 
 LLAMA3_8B = ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, ffn_dim=14336)
 LLAMA3_405B = ModelArgs(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, vocab_size=128256, ffn_dim=53248)

@@ -6,13 +6,12 @@
 from torch import nn
 
 
-def compile_blocks(layers: nn.ModuleDict, backend: str, *, tensor_parallel: bool) -> None:
+def compile_blocks(layers: nn.ModuleDict, backend: str, *, parts: tuple[str, ...] = ()) -> None:
+    """Compile each block of `layers` whole or, when `parts` names submodules of a block, each of those apart."""
     for block in layers.values():
-        if tensor_parallel:
-            # A whole compiled block of DTensors fails in backward on torch 2.13 ('_local_tensor');
-            # attention and feed-forward compiled apart work, and hold nearly all the compute.
-            inner = getattr(block, "_checkpoint_wrapped_module", block)
-            inner.attention.compile(backend=backend, fullgraph=True)
-            inner.feed_forward.compile(backend=backend, fullgraph=True)
+        if parts:
+            inner = getattr(block, "_checkpoint_wrapped_module", block)  # inside an activation checkpoint
+            for name in parts:
+                inner.get_submodule(name).compile(backend=backend, fullgraph=True)
         else:
             block.compile(backend=backend, fullgraph=True)

@@ -9,20 +9,15 @@ smaller than Q, and the all-gather runs on any backend, gloo included) and compu
 chunks against the keys they may see. The all-gather is autograd-aware: its backward reduce-scatters the
 gradients of the gathered K/V back to the ranks that own them.
 
-Call order: build -> parallelize (AC, compile, FSDP) -> materialize -> init_weights -> apply_cp -> train.
-apply_cp reads nothing from the weights, so it may also come before init_weights, but the rotary part is
-undone by a later `init_rope`/`init_weights` (they rebuild the full table): call apply_cp again after
-those; it is idempotent. The inputs and labels of every batch are sharded with `shard_sequence`.
+Model-agnostic: a model plugs `ContextParallelSDPA` in as its attention and takes its rotary angles at
+`cp_positions` (for Llama: models/llama/cp.py). The inputs and labels of every batch are sharded
+with `shard_sequence`.
 """
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 from torch.distributed._functional_collectives import all_gather_single_autograd
-from torch.distributed.device_mesh import DeviceMesh
-
-from titan.models.llama.model import Attention, Transformer, rope_cache
 
 
 def _chunk_len(seq_len: int, cp: int) -> int:
@@ -62,10 +57,12 @@ def unshard_sequence(shards: torch.Tensor, cp: int, dim: int) -> torch.Tensor:
 
 
 class ContextParallelSDPA:
-    """Causal attention for a head-tail sharded sequence: a drop-in for `Attention.sdpa`.
+    """Causal attention for a head-tail sharded sequence: a drop-in for a model's causal
+    `scaled_dot_product_attention(q, k, v)`.
 
-    q, k, v: [B, heads, local_len, head_dim], this rank's tokens in local order (heads repeated for GQA
-    in groups of `n_rep`, as `repeat_kv` does). Returns the attention output for the local queries.
+    q, k, v: [B, heads, local_len, head_dim], this rank's tokens in local order (kv heads repeated for
+    GQA in groups of `n_rep`: head h holds kv head h // n_rep). Returns the attention output for the
+    local queries.
     """
 
     def __init__(self, group: dist.ProcessGroup, seq_len: int, n_rep: int = 1, device=None):
@@ -115,41 +112,8 @@ class ContextParallelSDPA:
 
 
 def _repeat_heads(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """[B, kv_heads, S, D] -> [B, kv_heads * n_rep, S, D], in `repeat_kv`'s order (head h reads h // n_rep)."""
+    """[B, kv_heads, S, D] -> [B, kv_heads * n_rep, S, D], in GQA's order (head h reads kv head h // n_rep)."""
     if n_rep == 1:
         return x
     b, kv_heads, s, d = x.shape
     return x[:, :, None].expand(b, kv_heads, n_rep, s, d).reshape(b, kv_heads * n_rep, s, d)
-
-
-def apply_cp(model: nn.Module, cp_mesh: DeviceMesh, seq_len: int) -> None:
-    """Make `model` attend across the cp group, and take its rotary angles at this rank's global positions.
-
-    Finds the Transformer and its Attention modules wherever they sit (inside activation-checkpoint or
-    torch.compile wrappers). Replaces each `attention.sdpa` and the `rope_cache` buffer; the model's
-    `rope_cache[:local_len]` then is exactly this rank's rows. Idempotent: both are rebuilt from scratch.
-    """
-    transformers = [m for m in model.modules() if isinstance(m, Transformer)]
-    if len(transformers) != 1:
-        raise ValueError(f"apply_cp expects one Transformer inside the model, found {len(transformers)}")
-    transformer = transformers[0]
-    device = transformer.rope_cache.device
-    if device.type == "meta":
-        raise RuntimeError("apply_cp needs a materialized model: call it after to_empty and init_weights")
-    if seq_len > transformer.args.max_seq_len:
-        raise ValueError(
-            f"training.seq_len={seq_len} is longer than the rotary table ({transformer.args.max_seq_len}); "
-            "raise model.max_seq_len"
-        )
-    cp, rank = cp_mesh.size(), cp_mesh.get_local_rank()
-    positions = cp_positions(seq_len, cp, rank)
-    # Rebuilt from the model's args rather than indexed out of the current buffer, so a second call (or a
-    # call before init_rope) gives the same table: row i holds the angles of global position positions[i].
-    transformer.rope_cache = rope_cache(transformer.args)[positions].to(device, transformer.rope_cache.dtype)
-    group = cp_mesh.get_group()
-    sdpa_by_rep: dict[int, ContextParallelSDPA] = {}
-    for module in model.modules():
-        if isinstance(module, Attention):
-            if module.n_rep not in sdpa_by_rep:
-                sdpa_by_rep[module.n_rep] = ContextParallelSDPA(group, seq_len, module.n_rep, device)
-            module.sdpa = sdpa_by_rep[module.n_rep]

@@ -1,8 +1,12 @@
-"""Pipeline parallelism: torch.distributed.pipelining stages and schedules around titan's model parts.
+"""Pipeline parallelism: torch.distributed.pipelining stages and schedules around a model's parts.
+
+Model-agnostic: a model's planner decides which blocks each stage holds and builds a stage's module
+(for Llama: models/llama/pipeline.py); this module places the stages on ranks, cuts the batch
+into microbatches, refuses the wrappings the schedules run wrong, and runs the schedule.
 
 Three steps, in this order (the trainer's parallelisms go in the middle):
-1. `build_pipeline(...)` plans the stages and builds this rank's parts, meta-device `Transformer`s
-   (`pipeline.model_parts`);
+1. the model's `build_pipeline(...)` plans the stages and builds this rank's parts on the meta device
+   through `Pipeline(plan, pp_mesh, build_stage)` (`pipeline.model_parts`);
 2. the trainer applies TP -> AC -> compile -> FSDP to each part, `to_empty`s and initialises it;
 3. `pipeline.build_schedule(device, loss_fn)` wraps the parts in `PipelineStage`s and the schedule;
 then `pipeline.step(inputs, labels, grad_scale=...)` once per optimizer step.
@@ -24,12 +28,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import get_schedule_class
-from torch.distributed.tensor import DTensor
 from torch.nn import Module
 
 from titan.config.schema import ParallelismConfig
-from titan.models.llama.args import ModelArgs
-from titan.models.llama.pipeline import build_stage_model, split_layers, stages_for_layers_per_stage
 
 SINGLE_STAGE = ("GPipe", "1F1B")
 LOOPED = ("Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble")
@@ -70,26 +71,36 @@ def stage_ids(schedule: str, pp_rank: int, pp: int, num_stages: int) -> list[int
     return list(range(pp_rank, num_stages, pp))
 
 
-def plan_pipeline(args: ModelArgs, cfg: ParallelismConfig, *, local_batch: int) -> PipelinePlan:
-    """Check the pipeline keys against the model and the batch, and lay out the stages.
+def check_schedule(schedule: str) -> None:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"parallelism.pp_schedule={schedule!r} is not one of {', '.join(SCHEDULES)}")
+
+
+def default_num_stages(schedule: str, pp: int) -> int:
+    """One stage per rank for GPipe and 1F1B, two for the looped and V schedules."""
+    return (1 if schedule in SINGLE_STAGE else 2) * pp
+
+
+def stage_count_needed(schedule: str, pp: int, num_stages: int) -> str | None:
+    """What `schedule` on `pp` ranks needs when `num_stages` stages do not fit it; None when they do."""
+    if schedule in SINGLE_STAGE:
+        fits, want = num_stages == pp, f"exactly parallelism.pp={pp} stages"
+    elif schedule in V_SHAPED:
+        fits, want = num_stages == 2 * pp, f"exactly 2 x parallelism.pp = {2 * pp} stages"
+    else:
+        fits, want = num_stages % pp == 0, f"a multiple of parallelism.pp={pp} stages"
+    return None if fits else want
+
+
+def plan_microbatches(cfg: ParallelismConfig, layers: list[list[int]], *, local_batch: int) -> PipelinePlan:
+    """The plan for stages holding `layers`, with the local batch cut into microbatches.
 
     local_batch: sequences per optimizer step on one data-parallel rank (global batch / dp).
-    Stages: pp for GPipe and 1F1B, 2*pp for the looped and V schedules, or as many as
-    `parallelism.pp_layers_per_stage` makes (see `stages_for_layers_per_stage`).
     Microbatches (`parallelism.pp_microbatches`, default: one per stage, the fewest that keep every
     stage busy) split the local batch; each holds local_batch / n_microbatches sequences, which
     replaces `training.micro_batch_size` under pipeline parallelism.
     """
-    if cfg.pp_schedule not in SCHEDULES:
-        raise ValueError(f"parallelism.pp_schedule={cfg.pp_schedule!r} is not one of {', '.join(SCHEDULES)}")
-    if args.tie_embeddings and cfg.pp > 1:
-        raise ValueError(
-            f"model.tie_embeddings=true with parallelism.pp={cfg.pp}: the shared embedding/output tensor would "
-            "live on the first and the last stage; set model.tie_embeddings=false or parallelism.pp=1"
-        )
-    num_stages = _num_stages(args, cfg)
-    layers = split_layers(args.n_layers, num_stages, cfg.pp_layers_per_stage)
-
+    num_stages = len(layers)
     n_microbatches = cfg.pp_microbatches if cfg.pp_microbatches is not None else num_stages
     if n_microbatches < 1:
         raise ValueError(
@@ -111,40 +122,50 @@ def plan_pipeline(args: ModelArgs, cfg: ParallelismConfig, *, local_batch: int) 
     return PipelinePlan(cfg.pp_schedule, cfg.pp, layers, n_microbatches, local_batch // n_microbatches)
 
 
-def _num_stages(args: ModelArgs, cfg: ParallelismConfig) -> int:
-    per_rank = 1 if cfg.pp_schedule in SINGLE_STAGE else 2
-    if cfg.pp_layers_per_stage is None:
-        return per_rank * cfg.pp
-    num_stages = stages_for_layers_per_stage(args.n_layers, cfg.pp_layers_per_stage)
-    if cfg.pp_schedule in SINGLE_STAGE:
-        fits, want = num_stages == cfg.pp, f"exactly parallelism.pp={cfg.pp} stages"
-    elif cfg.pp_schedule in V_SHAPED:
-        fits, want = num_stages == 2 * cfg.pp, f"exactly 2 x parallelism.pp = {2 * cfg.pp} stages"
-    else:
-        fits, want = num_stages % cfg.pp == 0, f"a multiple of parallelism.pp={cfg.pp} stages"
-    if not fits:
-        raise ValueError(
-            f"parallelism.pp_layers_per_stage={cfg.pp_layers_per_stage} cuts model.n_layers={args.n_layers} "
-            f"(+ embedding and output, one layer each) into {num_stages} stages, but "
-            f"parallelism.pp_schedule={cfg.pp_schedule} needs {want}; change parallelism.pp_layers_per_stage "
-            "(null splits evenly)"
+def layout_problems(
+    schedule: str, *, ddp: bool, reshards_after_forward: bool, backward_once: bool
+) -> list[str]:
+    """The wrappings of the stages that torch's pipelining runs wrong or breaks on mid-step (each measured).
+
+    ddp: the parts are replicated by composable DDP (`replicate`); reshards_after_forward: FSDP frees
+    the gathered parameters after forward; backward_once: compiled blocks or op-level activation
+    checkpointing. The launch checks these from the config, `Pipeline.build_schedule` from the parts.
+    """
+    problems = []
+    if ddp:
+        problems.append(
+            "DDP (parallelism.dp_replicate > 1 with dp_shard=1) with parallelism.pp > 1 gives wrong gradients "
+            "(the pipeline's backward bypasses DDP's all-reduce hooks); use parallelism.dp_shard > 1 (FSDP or HSDP)"
         )
-    return num_stages
+    if schedule in SPLIT_BACKWARD and reshards_after_forward:
+        problems.append(
+            f"parallelism.pp_schedule={schedule} with parallelism.reshard_after_forward=always loses "
+            "gradients (the separate weight-gradient pass runs after FSDP freed the parameters); use "
+            "reshard_after_forward=default or a non-zero-bubble schedule (1F1B, GPipe, Interleaved1F1B)"
+        )
+    if schedule in SPLIT_BACKWARD and backward_once:
+        problems.append(
+            f"parallelism.pp_schedule={schedule} runs backward in two passes, which compiled blocks and "
+            "training.ac=op refuse; set training.compile=false and training.ac to none, full or layer, or "
+            "use 1F1B, GPipe, Interleaved1F1B or LoopedBFS"
+        )
+    return problems
 
 
 class Pipeline:
     """This rank's stages of the pipeline, and the schedule that runs them."""
 
-    def __init__(self, plan: PipelinePlan, args: ModelArgs, pp_mesh: DeviceMesh):
+    def __init__(self, plan: PipelinePlan, pp_mesh: DeviceMesh, build_stage: Callable[[int], Module]):
+        """build_stage(stage_id) -> that stage's module on the meta device (the model's planner gives it)."""
+        if pp_mesh.size() != plan.pp:
+            raise ValueError(f"the pp mesh has {pp_mesh.size()} ranks but parallelism.pp={plan.pp}")
         self.plan = plan
         self.pp_mesh = pp_mesh
         self.stage_ids = plan.stage_ids(pp_mesh.get_local_rank())
         last = plan.num_stages - 1
         # Meta-device parts: the trainer parallelises and materialises each one, and may replace an
         # entry with its wrapped module before `build_schedule`.
-        self.model_parts: list[Module] = [
-            build_stage_model(args, plan.layers[s], first=s == 0, last=s == last) for s in self.stage_ids
-        ]
+        self.model_parts: list[Module] = [build_stage(s) for s in self.stage_ids]
         self.has_first_stage = 0 in self.stage_ids
         self.has_last_stage = last in self.stage_ids
         self.schedule = None
@@ -178,30 +199,18 @@ class Pipeline:
             self.schedule = schedule_class(stages, **common)
 
     def _check_parts(self, device: torch.device) -> None:
-        """Refuse the wrappings that torch's pipelining runs wrong or breaks on mid-step (each measured)."""
-        if self.plan.schedule in SPLIT_BACKWARD and any(
-            _runs_backward_once(part) for part in self.model_parts
-        ):
-            raise ValueError(
-                f"parallelism.pp_schedule={self.plan.schedule} runs backward in two passes, which compiled blocks "
-                "(donated buffers) and op-level activation checkpointing (backward once per region) refuse "
-                "mid-step; set training.compile=false and training.ac to none, full or layer, or use 1F1B, "
-                "GPipe, Interleaved1F1B or LoopedBFS"
-            )
-        if self.plan.schedule in SPLIT_BACKWARD and self._any_rank_reshards_after_forward(device):
-            raise ValueError(
-                f"parallelism.pp_schedule={self.plan.schedule} with FSDP resharding after forward "
-                "(parallelism.reshard_after_forward=always) loses gradients: the schedule's separate weight-grad "
-                "pass runs after FSDP has freed the gathered parameters. Set parallelism.reshard_after_forward="
-                "default (off under pipeline parallelism) or use 1F1B, GPipe, Interleaved1F1B or LoopedBFS"
-            )
-        if any(ddp_replicate.state(part) is not None for part in self.model_parts):
-            raise ValueError(
-                "DDP (parallelism.dp_replicate > 1 with dp_shard=1) through torch.distributed._composable.replicate "
-                "gives wrong gradients under pipeline parallelism: the schedule's backward bypasses its all-reduce "
-                "hooks. Replicate the parts with torch.distributed._composable.replicate_with_fsdp.replicate "
-                "(FSDP-based, exact) or shard them (dp_shard > 1)"
-            )
+        """Refuse the wrapped parts that `layout_problems` names (the launch refused their config already)."""
+        schedule = self.plan.schedule
+        problems = layout_problems(
+            schedule,
+            ddp=any(ddp_replicate.state(part) is not None for part in self.model_parts),
+            # a collective, so taken only where a split backward makes resharding matter
+            reshards_after_forward=schedule in SPLIT_BACKWARD
+            and self._any_rank_reshards_after_forward(device),
+            backward_once=any(_runs_backward_once(part) for part in self.model_parts),
+        )
+        if problems:
+            raise ValueError("\n".join(problems))
 
     def _any_rank_reshards_after_forward(self, device: torch.device) -> bool:
         # Decided together: a rank that refused alone would leave the others waiting in the schedule.
@@ -257,27 +266,3 @@ def _reshards_after_forward(part: Module) -> bool:
         if isinstance(m, FSDPModule)
         for group in m._get_fsdp_state()._fsdp_param_groups
     )
-
-
-def build_pipeline(
-    args: ModelArgs, cfg: ParallelismConfig, pp_mesh: DeviceMesh, *, local_batch: int
-) -> Pipeline:
-    """Plan the stages (raising on bad keys) and build this rank's meta-device model parts."""
-    if pp_mesh.size() != cfg.pp:
-        raise ValueError(f"the pp mesh has {pp_mesh.size()} ranks but parallelism.pp={cfg.pp}")
-    return Pipeline(plan_pipeline(args, cfg, local_batch=local_batch), args, pp_mesh)
-
-
-def grad_norm(model_parts: list[Module], pp_mesh: DeviceMesh) -> torch.Tensor:
-    """The L2 norm of all gradients of the whole model, on every rank of the pipeline.
-
-    Each part's gradients may be DTensors (FSDP, TP); `full_tensor` sums their squares over those
-    meshes, then the squares are summed over the pipeline ranks, each holding other blocks.
-    """
-    grads = [p.grad for part in model_parts for p in part.parameters() if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-    if isinstance(norm, DTensor):
-        norm = norm.full_tensor()
-    squares = norm.float() ** 2
-    dist.all_reduce(squares, group=pp_mesh.get_group())
-    return squares.sqrt()

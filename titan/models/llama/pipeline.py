@@ -3,16 +3,70 @@
 A stage is a whole `Transformer` with the blocks of other stages deleted: the first stage keeps the
 token embedding, the last the final norm and output projection. Parameter names stay those of the
 full model ("layers.7.attention.wq.weight"), so checkpoints, initialisation and Hugging Face
-conversion see one model however it is cut. No distributed code here: titan/distributed/pp.py places
-stages on ranks and runs the schedule.
+conversion see one model however it is cut. `build_pipeline` hands the stages to the model-agnostic
+runner in titan/distributed/pipeline.py, which places them on ranks and runs the schedule.
 """
 
 import math
 
 import torch
+from torch.distributed.device_mesh import DeviceMesh
 
+from titan.config.schema import ParallelismConfig
+from titan.distributed.pipeline import (
+    Pipeline,
+    PipelinePlan,
+    check_schedule,
+    default_num_stages,
+    plan_microbatches,
+    stage_count_needed,
+)
 from titan.models.llama.args import ModelArgs
 from titan.models.llama.model import Transformer
+
+
+def build_pipeline(
+    args: ModelArgs, cfg: ParallelismConfig, pp_mesh: DeviceMesh, *, local_batch: int
+) -> Pipeline:
+    """Plan the stages (raising on bad keys) and build this rank's meta-device stage models."""
+    plan = plan_pipeline(args, cfg, local_batch=local_batch)
+    last = plan.num_stages - 1
+    return Pipeline(
+        plan, pp_mesh, lambda s: build_stage_model(args, plan.layers[s], first=s == 0, last=s == last)
+    )
+
+
+def plan_pipeline(args: ModelArgs, cfg: ParallelismConfig, *, local_batch: int) -> PipelinePlan:
+    """Check the pipeline keys against the model and the batch, and lay out the stages.
+
+    local_batch: sequences per optimizer step on one data-parallel rank (global batch / dp).
+    Stages: pp for GPipe and 1F1B, 2*pp for the looped and V schedules, or as many as
+    `parallelism.pp_layers_per_stage` makes (see `stages_for_layers_per_stage`); the microbatches
+    as `plan_microbatches` cuts them.
+    """
+    check_schedule(cfg.pp_schedule)
+    if args.tie_embeddings and cfg.pp > 1:
+        raise ValueError(
+            f"model.tie_embeddings=true with parallelism.pp={cfg.pp}: the shared embedding/output tensor would "
+            "live on the first and the last stage; set model.tie_embeddings=false or parallelism.pp=1"
+        )
+    layers = split_layers(args.n_layers, _num_stages(args, cfg), cfg.pp_layers_per_stage)
+    return plan_microbatches(cfg, layers, local_batch=local_batch)
+
+
+def _num_stages(args: ModelArgs, cfg: ParallelismConfig) -> int:
+    if cfg.pp_layers_per_stage is None:
+        return default_num_stages(cfg.pp_schedule, cfg.pp)
+    num_stages = stages_for_layers_per_stage(args.n_layers, cfg.pp_layers_per_stage)
+    want = stage_count_needed(cfg.pp_schedule, cfg.pp, num_stages)
+    if want is not None:
+        raise ValueError(
+            f"parallelism.pp_layers_per_stage={cfg.pp_layers_per_stage} cuts model.n_layers={args.n_layers} "
+            f"(+ embedding and output, one layer each) into {num_stages} stages, but "
+            f"parallelism.pp_schedule={cfg.pp_schedule} needs {want}; change parallelism.pp_layers_per_stage "
+            "(null splits evenly)"
+        )
+    return num_stages
 
 
 def stages_for_layers_per_stage(n_layers: int, layers_per_stage: int) -> int:
@@ -23,6 +77,8 @@ def stages_for_layers_per_stage(n_layers: int, layers_per_stage: int) -> int:
     [embedding, block 0, ..., block n-1, output] of n+2 units, cut into consecutive chunks of
     `layers_per_stage` units; the last chunk may be shorter.
     """
+    if layers_per_stage < 1:
+        raise ValueError(f"parallelism.pp_layers_per_stage={layers_per_stage} must be >= 1 (or null)")
     return math.ceil((n_layers + 2) / layers_per_stage)
 
 
@@ -40,8 +96,6 @@ def split_layers(n_layers: int, num_stages: int, layers_per_stage: int | None = 
         order = list(range(1, num_stages - 1)) + [0]
         counts = [base + (s in order[:extra]) for s in range(num_stages)]
     else:
-        if layers_per_stage < 1:
-            raise ValueError(f"parallelism.pp_layers_per_stage={layers_per_stage} must be >= 1 (or null)")
         needed = stages_for_layers_per_stage(n_layers, layers_per_stage)
         if needed != num_stages:
             raise ValueError(
@@ -80,12 +134,8 @@ def _fitting_layers_per_stage(n_layers: int, num_stages: int) -> str:
 
 def build_stage_model(args: ModelArgs, layer_ids: list[int], *, first: bool, last: bool) -> Transformer:
     """The stage's module on the meta device: blocks `layer_ids`, the embedding if `first`, the final
-    norm and output projection if `last`. Materialise with `to_empty` and initialise as a whole model."""
-    if args.tie_embeddings and not (first and last):
-        raise ValueError(
-            "model.tie_embeddings=true cannot be pipelined: the embedding (first stage) and the output "
-            "projection (last stage) share one tensor; set model.tie_embeddings=false or parallelism.pp=1"
-        )
+    norm and output projection if `last`. Materialise with `to_empty` and initialise as a whole model.
+    Tied embeddings are refused by `plan_pipeline`."""
     with torch.device("meta"):
         model = Transformer(args)
     keep = {str(i) for i in layer_ids}

@@ -6,7 +6,6 @@ embedding is row-wise over the vocabulary; the output projection column-wise, le
 logits for loss parallelism.
 """
 
-import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
@@ -57,12 +56,3 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, loss_parallel: bool) -> N
                 "feed_forward.w3": ColwiseParallel(),
             },
         )
-
-
-def enable_async_tp(tp_mesh: DeviceMesh) -> None:
-    """Overlap TP communication with matmuls (CUDA, compiled blocks): inductor's micro-pipeline TP
-    fuses all-gather + matmul and matmul + reduce-scatter over symmetric memory."""
-    from torch.distributed._symmetric_memory import enable_symm_mem_for_group
-
-    torch._inductor.config._micro_pipeline_tp = True
-    enable_symm_mem_for_group(tp_mesh.get_group().group_name)
