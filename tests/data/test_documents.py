@@ -11,14 +11,11 @@ import pytest
 
 from titan.assets import asset_path, build_assets
 from titan.config.schema import DataConfig
-from titan.data.text import (
-    LocalDocuments,
-    LocalFiles,
-    PackedStream,
-    StreamState,
-    line_offsets,
-    resolve_files,
-)
+from titan.data.documents import LocalDocuments
+from titan.data.files import resolve_files
+from titan.data.packing import PackedStream
+from titan.data.records import LocalFiles, line_offsets
+from titan.data.stream_state import StreamState
 from titan.data.tokenizer import Tokenizer
 
 SHARD = asset_path("c4_test/c4-train.00000-of-00001.json")
@@ -244,7 +241,7 @@ def test_asset_path():
     with pytest.raises(FileNotFoundError, match=r"no bundled asset 'c4_test/nope\.json'.*build_assets"):
         asset_path("c4_test/nope.json")
     with pytest.raises(ValueError, match="leaves the assets folder"):
-        asset_path("../data/text.py")
+        asset_path("../data/documents.py")
 
 
 def test_bundled_shard_is_c4_format():

@@ -4,22 +4,24 @@ import gzip
 import itertools
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
+from tests.launch.compose import compose_config, group_options
 from titan.assets import asset_path
+from titan.config.errors import ConfigError
 from titan.config.schema import DataConfig
-from titan.data.loader import TrainLoader, check_data
+from titan.data.checks import check_data
+from titan.data.loader import TrainLoader
 from titan.data.tokenizer import build_tokenizer
+from titan.launch.build import build_run_config
 
 SHARD = asset_path("c4_test/c4-train.00000-of-00001.json")
 TOKENIZER = str(asset_path("tokenizers/titan_debug.tiktoken"))
 C4_TEST = DataConfig(source="jsonl", path=str(SHARD), tokenizer=TOKENIZER)
-CONF = Path(__file__).resolve().parents[2] / "conf" / "data"
 
 
 def shard_texts(n, start=0):
@@ -147,7 +149,7 @@ def test_iterating_again_goes_on_from_the_last_batch(small_data):
     assert torch.equal(take(train_loader, 4)[0], expected[2:])
 
 
-def test_skipped_documents_are_counted(tmp_path):
+def test_skipped_documents_are_counted_in_the_state(tmp_path):
     texts = short_texts(4)
     texts = [texts[0], "", texts[1], "   \n ", texts[2], "\t", texts[3]]
     train_loader = loader(jsonl(write_jsonl(tmp_path / "d.jsonl", texts)), batch=1, seq_len=63)
@@ -156,8 +158,8 @@ def test_skipped_documents_are_counted(tmp_path):
         next(it)
         state = train_loader.state_dict()["stream-00000"]
         empties = sum(not t.strip() for t in texts[: state["position"] or 0])
-        assert train_loader.skipped_documents == 3 * state["epoch"] + empties
-    assert train_loader.skipped_documents >= 6
+        assert state["skipped"] == 3 * state["epoch"] + empties
+    assert state["skipped"] >= 6
 
 
 def test_huggingface_source_streams_like_the_local_one(tmp_path):
@@ -207,7 +209,8 @@ def test_sentencepiece_tokenizer_feeds_the_loader(tmp_path):
 
 def test_layout_errors(tmp_path):
     with pytest.raises(
-        ValueError, match=r"data\.num_workers=3 must divide the 4 sequences per rank.*global_batch_size=8"
+        ValueError,
+        match=r"data\.num_workers=3 does not divide the 4 sequences each rank.*global_batch_size=8",
     ):
         loader(replace(C4_TEST, num_workers=3), batch=8, dp=2)
     with pytest.raises(
@@ -288,26 +291,20 @@ def test_state_from_another_global_batch_size_is_refused(small_data):
         two.load_state_dict(four.state_dict())
 
 
-def test_data_config_nodes():
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
+def test_data_config_options():
+    def composed(option, *overrides):
+        return build_run_config(compose_config([f"data={option}", *overrides])).data
 
-    OmegaConf.register_new_resolver("titan_asset", lambda rel: str(asset_path(rel)), replace=True)
-    nodes = {path.stem: OmegaConf.load(path) for path in CONF.glob("*.yaml")}
-    assert sorted(nodes) == ["c4", "c4_test", "jsonl", "parquet", "text"]
-    c4 = nodes["c4"]
-    assert (c4.source, c4.path, c4.name, c4.split, OmegaConf.is_missing(c4, "tokenizer")) == (
-        "huggingface", "allenai/c4", "en", "train", True,
-    )  # fmt: skip
+    assert group_options("data") == ["c4", "c4_test", "jsonl", "parquet", "text"]
+    c4 = composed("c4", f"data.tokenizer={TOKENIZER}")
+    assert (c4.source, c4.path, c4.name, c4.split) == ("huggingface", "allenai/c4", "en", "train")
+    with pytest.raises(ConfigError, match=r"data\.tokenizer must be set"):
+        composed("c4")
     for name in ("jsonl", "parquet", "text"):
-        assert nodes[name].source == name and OmegaConf.is_missing(nodes[name], "path")
-        assert instantiate(replace_path(nodes[name])).tokenizer == TOKENIZER
-    c4_test = instantiate(nodes["c4_test"])
-    assert isinstance(c4_test, DataConfig) and c4_test == C4_TEST
+        with pytest.raises(ConfigError, match=r"data\.path must be set"):
+            composed(name)
+        local = composed(name, "data.path=unused")
+        assert local.source == name and local.tokenizer == TOKENIZER
+    c4_test = composed("c4_test")
+    assert c4_test == C4_TEST
     assert take(loader(c4_test, batch=2), 1)[0].shape == (1, 2, 31)
-
-
-def replace_path(node):
-    from omegaconf import OmegaConf
-
-    return OmegaConf.merge(node, {"path": "unused"})

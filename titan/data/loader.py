@@ -1,7 +1,8 @@
 """The training loader: packed windows in a global order that no parallel layout changes.
 
-A global batch of B sequences is read as B logical streams (see text.py); row j of every global
-batch comes from stream j, and dp rank r owns the contiguous block of streams [r*B/dp, (r+1)*B/dp).
+A global batch of B sequences is read as B logical streams (documents.py, packing.py); row j of
+every global batch comes from stream j, and dp rank r owns the contiguous block of streams
+[r*B/dp, (r+1)*B/dp).
 So one rank's batch is the concatenation of two ranks' batches, step after step, and the loader's
 state is the state of each of its streams: a checkpoint written at one dp degree (and number of
 workers) resumes at any other that divides B.
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,20 +27,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from titan.config.schema import DataConfig
-from titan.data.text import (
-    SOURCES,
-    Documents,
-    HubDocuments,
-    LocalDocuments,
-    LocalFiles,
-    PackedStream,
-    StreamState,
-    decode_line,
-    json_text,
-    open_parquet,
-    parquet_column,
-    resolve_files,
-)
+from titan.data.checks import check_source, checked_files, num_workers_problem
+from titan.data.documents import stream_documents
+from titan.data.packing import PackedStream
+from titan.data.records import LocalFiles
+from titan.data.stream_state import StreamState
 from titan.data.tokenizer import Tokenizer, build_tokenizer
 
 PREFETCH_STEPS = 2  # items each worker keeps ready
@@ -48,64 +39,6 @@ PREFETCH_STEPS = 2  # items each worker keeps ready
 
 def stream_key(stream: int) -> str:
     return f"stream-{stream:05d}"
-
-
-def _check_source(data: DataConfig) -> None:
-    if data.source not in SOURCES:
-        raise ValueError(f"data.source={data.source!r} is not one of {', '.join(SOURCES)}")
-
-
-def _check_first_record(data: DataConfig, file: Path) -> None:
-    """The file is non-empty and its first record (first non-blank line, first row) has text."""
-    if file.stat().st_size == 0:
-        raise ValueError(f"{file} is empty; remove it from data.path")
-    with open(file, "rb") as f:
-        magic = f.read(4)
-    if magic[:2] == b"\x1f\x8b" or magic == b"\x28\xb5\x2f\xfd":
-        raise ValueError(
-            f"{file} is compressed (gzip or zstd); data.path must hold plain files: decompress it"
-        )
-    if data.source == "parquet":
-        handle = open_parquet(file)
-        if handle.metadata.num_rows == 0:
-            raise ValueError(f"{file} has no rows; remove it from data.path")
-        first = next(
-            g for g in range(handle.metadata.num_row_groups) if handle.metadata.row_group(g).num_rows
-        )
-        if not isinstance(parquet_column(handle, file, data.text_field, first)[0], str):
-            raise ValueError(f"{file}, row 1: column {data.text_field!r} is null; set data.text_field")
-        return
-    with open(file, "rb") as f:
-        for number, raw in enumerate(f):
-            line = decode_line(raw.rstrip(b"\r\n"), file, number).removeprefix("\ufeff")
-            if line.strip():
-                if data.source == "jsonl":
-                    json_text(line, file, number, data.text_field)
-                return
-    raise ValueError(f"{file} holds only blank lines; remove it from data.path")
-
-
-def check_data(data: DataConfig) -> None:
-    """Cheap pre-flight: the tokenizer loads, local files exist, and each one's first record has text.
-
-    Raises ValueError naming the file (and line) and the key to fix. The huggingface source is not
-    contacted (no network here); its records are checked as they stream.
-    """
-    _check_source(data)
-    build_tokenizer(data.tokenizer)
-    _check_files(data)
-
-
-def _check_files(data: DataConfig) -> list[Path]:
-    """The local files of data.path, each checked by its first record; [] for the huggingface source."""
-    if data.source == "huggingface":
-        if data.path in ("", "???"):
-            raise ValueError("data.path is not set: give a Hugging Face dataset name (e.g. allenai/c4)")
-        return []
-    files = resolve_files(data)
-    for file in files:
-        _check_first_record(data, file)
-    return files
 
 
 class _RankStreams(IterableDataset):
@@ -130,11 +63,6 @@ class _RankStreams(IterableDataset):
     def __getstate__(self) -> dict:  # for workers started by `spawn`: they load their own tokenizer
         return {**self.__dict__, "tokenizer": None}
 
-    def _documents(self, files: LocalFiles | None, stream: int) -> Documents:
-        if files is None:
-            return HubDocuments(self.data, stream, self.num_streams)
-        return LocalDocuments(files, stream, self.num_streams)
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, dict[str, dict]]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
@@ -147,7 +75,7 @@ class _RankStreams(IterableDataset):
         files = copy.copy(self.files) if info is not None else self.files
         packed = [
             PackedStream(
-                self._documents(files, j),
+                stream_documents(self.data, files, j, self.num_streams),
                 tokenizer,
                 self.window,
                 StreamState.from_dict(self.states[stream_key(j)]),
@@ -182,18 +110,15 @@ class TrainLoader:
             )
         if not 0 <= dp_rank < dp_degree:
             raise ValueError(f"dp_rank={dp_rank} is outside 0..{dp_degree - 1}")
+        problem = num_workers_problem(data.num_workers, global_batch_size, dp_degree)
+        if problem:
+            raise ValueError(problem)
+        check_source(data)
         per_rank = global_batch_size // dp_degree
-        if data.num_workers < 0 or (data.num_workers and per_rank % data.num_workers):
-            raise ValueError(
-                f"data.num_workers={data.num_workers} must divide the {per_rank} sequences per rank "
-                f"(training.global_batch_size={global_batch_size} over {dp_degree} data-parallel ranks): "
-                "each worker owns an equal share of the sequence slots"
-            )
-        _check_source(data)
         self.data, self.seq_len, self.global_batch_size = data, seq_len, global_batch_size
         self.streams = list(range(dp_rank * per_rank, (dp_rank + 1) * per_rank))
         self.tokenizer = build_tokenizer(data.tokenizer)
-        files = _check_files(data)
+        files = checked_files(data)
         self.files = None
         if data.source != "huggingface":
             self.files = LocalFiles(data, files, cache_size=per_rank + 2)
@@ -214,11 +139,6 @@ class TrainLoader:
                 f"{self.global_batch_size} needs at least one per sequence slot; add data or lower "
                 "training.global_batch_size"
             )
-
-    @property
-    def skipped_documents(self) -> int:
-        """Empty or whitespace-only documents this rank's streams have passed over (as consumed)."""
-        return sum(state["skipped"] for state in self._states.values())
 
     def state_dict(self) -> dict[str, dict]:
         """The state of this rank's streams after the items handed out so far; JSON-serialisable."""
