@@ -15,7 +15,7 @@ from titan.config.schema import (
     OptimizerConfig,
     ParallelismConfig,
     RunConfig,
-    RunSettings,
+    RunDirConfig,
     TrainingConfig,
 )
 
@@ -51,11 +51,11 @@ def tiny_config(run_dir: Path, *, steps: int = 3, **groups) -> RunConfig:
             max_norm=1.0,
         ),
         parallelism=ParallelismConfig(dp_shard=-1),
-        optimizer=OptimizerConfig(name="sgd", lr=0.5, weight_decay=0.0, schedule="constant"),
+        optimizer=OptimizerConfig(name="sgd", lr=0.5, weight_decay=0.0, schedule="constant", warmup_steps=0),
         data=C4_TEST,
         checkpoint=CheckpointConfig(enable=True, interval=1000),
         metrics=MetricsConfig(log_freq=1, tensorboard=False, progress="lines"),
-        run=RunSettings(name="test", group="tiny", dir=str(run_dir)),
+        run=RunDirConfig(name="test", group="tiny", dir=str(run_dir)),
     )
     return cfg.replace(**groups) if groups else cfg
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from tests.launch.compose import compose_config
 from tests.utils import read_metrics, read_model, tiny_config
 from titan.launch.local import launch_local
 
@@ -42,7 +43,7 @@ def option_layouts() -> list[tuple[str, dict, int]]:
     """
     layouts = []
     for path in sorted((REPO / "conf" / "parallelism").glob("*.yaml")):
-        node = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(path)).items() if k != "_target_"}
+        node = OmegaConf.to_container(compose_config([f"parallelism={path.stem}"]).parallelism)
         if path.stem == "single":
             continue  # the reference itself
         while math.prod(max(1, node[d]) for d in DEGREES) > MAX_RANKS:

@@ -5,8 +5,8 @@ import pytest
 
 from tests.checkpoint.common import rewind
 from tests.utils import read_metrics, tiny_config
-from titan.launch.local import launch_local
 from titan.config.schema import OptimizerConfig
+from titan.launch.local import launch_local
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +17,7 @@ def test_resume_from_step_10_is_bitwise_equal(tmp_path):
         full_dir,
         steps=20,
         optimizer=OptimizerConfig(
-            name="adamw", lr=3e-3, schedule="wsd", warmup_steps=3, decay_ratio=0.3
+            name="adamw", lr=3e-3, schedule="wsd", warmup_steps=3, decay_ratio=0.3, min_lr_factor=0.0
         ).__dict__,
         training={"param_dtype": "bfloat16"},
         checkpoint={"interval": 10},

@@ -6,13 +6,11 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from titan.launch import resolvers
-from titan.launch.sweeps import register_sweeps
+from titan.launch.main import register
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONF = os.path.join(REPO, "conf")
-resolvers.register()
-SWEEPS = register_sweeps(os.path.join(REPO, "sweeps"))
+SWEEPS = register(os.path.join(REPO, "sweeps"))
 
 
 def compose_config(overrides: list[str] = ()) -> DictConfig:

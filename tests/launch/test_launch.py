@@ -100,6 +100,26 @@ def test_bad_config_fails_before_training_with_the_fix(tmp_path):
     assert not (tmp_path / "llama3_debug").exists()  # nothing was created
 
 
+@pytest.mark.parametrize(
+    "override, line",
+    [
+        (
+            "training.steps=abc",
+            "error: training.steps: Value 'abc' of type 'str' could not be converted to Integer",
+        ),
+        ("+training.stepz=5", "error: training.stepz: no such key; valid keys of training: steps, "),
+        (
+            "training.stepz=5",
+            "error: training.stepz: Key 'stepz' not in 'TrainingConfig'; valid keys of training: ",
+        ),
+    ],
+)
+def test_a_config_error_is_one_line_naming_the_key(tmp_path, override, line):
+    proc = launch(override, root=tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith(line), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
 def test_missing_data_file_is_named(tmp_path):
     proc = launch("data=jsonl", f"data.path={tmp_path}/nope.jsonl", root=tmp_path, check=False)
     assert proc.returncode == 2 and "nope.jsonl" in proc.stderr

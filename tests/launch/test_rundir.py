@@ -66,6 +66,17 @@ def test_config_changes_lists_added_and_removed_keys():
     assert config_changes({"a": {"b": 1}}, {"a": {"c": 2}}) == [("a.b", 1, None), ("a.c", None, 2)]
 
 
+def test_a_config_saved_by_an_older_titan_compares_equal():
+    """Class paths in `_target_` keys are not compared, and a key the saved config lacks is unchanged
+    when its new value is the default: adding a key never blocks resuming an older run."""
+    saved = {"model": {"_target_": "titan.models.llama.model.ModelArgs", "dim": 64}, "cluster": {"nodes": 1}}
+    new = {"model": {"dim": 64}, "cluster": {"nodes": 1, "partition": None, "max_retries": 2}}
+    assert config_changes(saved, new) == []
+    assert config_changes(saved, {**new, "cluster": {"nodes": 1, "max_retries": 5}}) == [
+        ("cluster.max_retries", None, 5)
+    ]
+
+
 def test_provenance_files(tmp_path, monkeypatch):
     monkeypatch.setenv("MY_API_KEY", "hunter2")
     monkeypatch.setenv("TITAN_VISIBLE", "yes")

@@ -5,15 +5,16 @@ from pathlib import Path
 from submitit.slurm.slurm import _make_sbatch_string
 
 from tests.launch.compose import compose_config
+from titan.config.schema import ClusterConfig
 from titan.launch.build import build_run_config
-from titan.launch.slurm import SlurmClusterConfig, _gpus_in_gres, sbatch_parameters, start_after
+from titan.launch.slurm import _gpus_in_gres, sbatch_parameters, start_after
 from titan.launch.validate import world_size
 
 
 def test_nproc_per_node_defaults_to_the_gpus_else_one():
-    assert SlurmClusterConfig(gpus_per_node=8).nproc_per_node == 8
-    assert SlurmClusterConfig().nproc_per_node == 1
-    assert SlurmClusterConfig(gpus_per_node=8, nproc_per_node=2).nproc_per_node == 2
+    assert ClusterConfig(launcher="slurm", gpus_per_node=8).nproc_per_node == 8
+    assert ClusterConfig(launcher="slurm").nproc_per_node == 1
+    assert ClusterConfig(launcher="slurm", gpus_per_node=8, nproc_per_node=2).nproc_per_node == 2
 
 
 def test_cluster_slurm_composes_hashes_and_sets_the_world_size():
@@ -22,9 +23,9 @@ def test_cluster_slurm_composes_hashes_and_sets_the_world_size():
             ["cluster=slurm", "cluster.nodes=4", "cluster.gpus_per_node=8", "+cluster.sbatch_args.x=1"]
         )
     )
-    assert isinstance(cfg.cluster, SlurmClusterConfig) and cfg.cluster.launcher == "slurm"
+    assert cfg.cluster.launcher == "slurm"
     assert world_size(cfg, gpus_on_machine=0) == 32  # the partition's GPUs, not this machine's
-    assert cfg.cluster.sbatch_args == (("x", 1),)
+    assert cfg.cluster.sbatch_args == {"x": 1}
     hash(cfg)
 
 

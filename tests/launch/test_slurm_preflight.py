@@ -1,5 +1,6 @@
 """Clear errors before anything is submitted (against the real cluster: partition `debug`, 2 CPU nodes)."""
 
+import dataclasses
 import os
 import shutil
 
@@ -8,15 +9,16 @@ import pytest
 from tests.launch.slurm_utils import TINY, job_ids, launch, requires_slurm, run_dir_of, slurm, wait_for_job
 from tests.utils import tiny_config
 from titan.config.errors import ConfigError
+from titan.config.schema import ClusterConfig
 from titan.launch import jobstate
-from titan.launch.slurm import SlurmClusterConfig, preflight
+from titan.launch.slurm import preflight
 
 pytestmark = [pytest.mark.slow, requires_slurm]
 
 
 def check(tmp_path, **cluster):
-    cfg = tiny_config(tmp_path).replace()
-    cfg = type(cfg)(**{**cfg.__dict__, "cluster": SlurmClusterConfig(**cluster)})
+    cfg = tiny_config(tmp_path)
+    cfg = dataclasses.replace(cfg, cluster=ClusterConfig(launcher="slurm", **cluster))
     preflight(cfg, tmp_path)
 
 

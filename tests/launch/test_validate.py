@@ -99,7 +99,7 @@ def test_async_tp_wiring_turns_on_inductor_micro_pipelining(monkeypatch):
     import torch
     import torch.distributed._symmetric_memory as symm
 
-    from titan.models.llama.tp import enable_async_tp
+    from titan.distributed.tp import enable_async_tp
 
     registered = []
     monkeypatch.setattr(symm, "enable_symm_mem_for_group", registered.append)

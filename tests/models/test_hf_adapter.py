@@ -1,7 +1,5 @@
 """titan's Llama against Hugging Face's `LlamaForCausalLM` on the same weights."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -17,7 +15,6 @@ from titan.models.llama.hf_adapter import (
 from titan.models.llama.model import Transformer
 
 transformers = pytest.importorskip("transformers")
-MODEL_CONFIGS = Path(__file__).resolve().parents[2] / "conf" / "model"
 
 # config.json of meta-llama/Llama-3.1-8B and meta-llama/Llama-3.2-1B on the Hugging Face hub.
 HUB_8B = {
@@ -186,11 +183,11 @@ def test_config_round_trip(tied):
 
 
 def test_published_hub_configs_match_our_yaml():
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
+    from tests.launch.compose import compose_config
+    from titan.launch.build import build_run_config
 
     for hub, option in ((HUB_8B, "llama3_8b"), (HUB_1B, "llama3_1b")):
-        ours = instantiate(OmegaConf.load(MODEL_CONFIGS / f"{option}.yaml"))
+        ours = build_run_config(compose_config([f"model={option}"])).model
         assert from_hf_config(hub) == ours, option
 
 

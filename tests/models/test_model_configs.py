@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
+from tests.launch.compose import compose_config
 from tests.models.test_model import DEBUG
+from titan.launch.build import build_run_config
 from titan.models.llama.args import ModelArgs, num_params
 from titan.models.llama.model import Transformer
 
@@ -34,11 +34,8 @@ COMMON = {
 
 
 def load(option: str) -> ModelArgs:
-    node = OmegaConf.load(MODEL_CONFIGS / f"{option}.yaml")
-    assert node._target_ == "titan.models.llama.args.ModelArgs"
-    # every field written out, none left to the dataclass defaults
-    assert set(node.keys()) - {"_target_"} == set(ModelArgs.__dataclass_fields__)
-    args = instantiate(node)
+    """The option as launch.py builds it: composed onto ModelArgs' defaults."""
+    args = build_run_config(compose_config([f"model={option}"])).model
     assert isinstance(args, ModelArgs)
     return args
 

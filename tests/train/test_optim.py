@@ -39,7 +39,9 @@ def test_wsd_is_flat_then_decays_over_the_decay_ratio():
 def test_scheduler_drives_the_optimizer_lr():
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    sched = build_scheduler(opt, OptimizerConfig(lr=1.0, schedule="linear", warmup_steps=0), 4)
+    sched = build_scheduler(
+        opt, OptimizerConfig(lr=1.0, schedule="linear", warmup_steps=0, min_lr_factor=0.0), 4
+    )
     lrs = []
     for _ in range(4):
         lrs.append(opt.param_groups[0]["lr"])

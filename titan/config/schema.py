@@ -1,7 +1,8 @@
 """The typed run configuration: one frozen dataclass per config group, and RunConfig holding them all.
 
-Each `conf/<group>/<option>.yaml` node names one of these classes in `_target_`; launch.py
-instantiates them once. Library code only ever sees these objects, never a DictConfig.
+These defaults are the only ones: the launch layer registers each class as its group's base, and every
+`conf/<group>/<option>.yaml` states only how it differs. Library code only ever sees these objects,
+never a DictConfig.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from titan.config.plain import to_plain
 from titan.models.llama.args import ModelArgs
 
 
@@ -50,11 +52,7 @@ class ParallelismConfig:
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    """Optimizer and LR schedule.
-
-    A frozen dataclass rather than a `_partial_` of the optimizer class: the schedule keys live on
-    the same node, and a plain value can be compared on resume and written to config.yaml.
-    """
+    """Optimizer and LR schedule: AdamW with warmup, a plateau and a linear decay (WSD) by default."""
 
     name: str = "adamw"  # adamw | sgd
     lr: float = 3e-4
@@ -63,10 +61,10 @@ class OptimizerConfig:
     eps: float = 1e-8
     momentum: float = 0.0  # sgd only
     implementation: str = "auto"  # auto (fused on CUDA, foreach otherwise) | fused | foreach | for_loop
-    schedule: str = "constant"  # constant | cosine | linear | wsd
-    warmup_steps: int = 0
-    decay_ratio: float = 0.1  # wsd: share of the steps spent decaying
-    min_lr_factor: float = 0.0  # cosine, linear, wsd: the final LR as a fraction of lr
+    schedule: str = "wsd"  # constant | cosine | linear | wsd
+    warmup_steps: int = 10
+    decay_ratio: float = 0.2  # wsd: share of the steps spent decaying
+    min_lr_factor: float = 0.1  # cosine, linear, wsd: the final LR as a fraction of lr
 
 
 @dataclass(frozen=True)
@@ -82,16 +80,15 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    enable: bool = False
-    interval: int = 500  # steps between saves; the last step is always saved
+    enable: bool = True
+    interval: int = 50  # steps between saves; the last step is always saved
     interval_s: float = 0.0  # also save when this much wall-clock time passed since the last save; 0: off
     mode: str = "sync"  # sync | thread (DCP async_save in a thread) | process (in a background process)
     folder: str | None = None  # None: <run dir>/checkpoints
     keep_latest_k: int = 3  # 0 keeps all
     load_step: int | None = None  # None: the newest complete checkpoint
-    exclude_from_loading: tuple[
-        str, ...
-    ] = ()  # any of model, optimizer, lr_scheduler, dataloader, train_state
+    # any of model, optimizer, lr_scheduler, dataloader, train_state
+    exclude_from_loading: tuple[str, ...] = ()
     model_only: bool = False  # the final save holds the model weights only (an export)
     export_dtype: str = "float32"  # float32 | bfloat16 | float16, for model_only
     export_hf: bool = False  # also write a Hugging Face export (safetensors + config.json) at the end
@@ -101,9 +98,34 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    launcher: str = "local"
+    """Where the ranks run: this machine (`local`, torch's elastic launcher) or a Slurm job (`slurm`).
+
+    The Slurm keys are ignored by the local launcher; docs/slurm.md explains each.
+    """
+
+    launcher: str = "local"  # local | slurm
     nodes: int = 1
-    nproc_per_node: int | None = None  # ranks per node; None: one per GPU, else 2
+    # ranks per node; None: local: one per GPU, else 2; slurm: gpus_per_node, or 1 without GPUs
+    nproc_per_node: int | None = None
+    gpus_per_node: int = 0  # slurm; 0 on CPU-only partitions
+    partition: str | None = None  # None: the cluster's default partition
+    account: str | None = None
+    qos: str | None = None
+    time_min: int = 60  # the job's time limit (each attempt gets it anew)
+    cpus_per_task: int | None = None  # per rank: data loader workers + 1 or 2
+    mem_gb: float | None = None  # per node; None: the partition's default
+    constraint: str | None = None
+    exclude: str | None = None  # nodes to avoid, e.g. "node[012-013]"
+    setup: tuple[str, ...] = ()  # shell lines run before the ranks start: module loads, NCCL variables
+    # any other sbatch option, e.g. {mail-type: END}; left out of the hash (a dict has none), kept in ==
+    sbatch_args: dict[str, Any] = field(default_factory=dict, hash=False)
+    max_retries: int = 2  # requeues after a crash (exception, OOM kill) before the run is reported failed
+    max_concurrent: int = 0  # sweeps: jobs of one sweep running at once; 0: no limit
+    signal_delay_s: int = 120  # USR2 this long before the time limit: one step + a save + Slurm's ~60 s slack
+
+    def __post_init__(self) -> None:  # frozen: settled once, here, so the world size is known everywhere
+        if self.launcher == "slurm" and self.nproc_per_node is None:
+            object.__setattr__(self, "nproc_per_node", self.gpus_per_node or 1)
 
 
 @dataclass(frozen=True)
@@ -116,7 +138,9 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
-class RunSettings:
+class RunDirConfig:
+    """Where the run directory is, and whether a run found there resumes."""
+
     name: str | None = None  # None: derived from the overrides
     root: str = "runs"
     resume: str = "auto"  # auto | never | must
@@ -134,7 +158,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    run: RunSettings = field(default_factory=RunSettings)
+    run: RunDirConfig = field(default_factory=RunDirConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)
@@ -144,12 +168,3 @@ class RunConfig:
         return dataclasses.replace(
             self, **{g: dataclasses.replace(getattr(self, g), **kv) for g, kv in groups.items()}
         )
-
-
-def to_plain(obj: Any) -> Any:
-    """Dataclasses, tuples and lists as plain dicts and lists (for YAML, JSON and comparisons)."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_plain(v) for v in obj]
-    return obj

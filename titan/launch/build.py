@@ -1,78 +1,72 @@
-"""From a composed Hydra config to one frozen RunConfig: target allow-list, key check, instantiate.
+"""From a composed Hydra config to one frozen RunConfig, with a one-line error naming the key.
 
-This module and launch.py are the only places that see a DictConfig.
+This module and launch/main.py are the only places that see a DictConfig. There is no `_target_` and
+no `instantiate`: the schema is the type, so a config can only ever build RunConfig.
 """
 
 import dataclasses
-import importlib
-from typing import Any
+from typing import Any, get_type_hints
 
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+)
 
 from titan.config.errors import ConfigError
 from titan.config.schema import RunConfig
-
-# A config may only build titan's own objects and torch optimizers: a YAML file or an override must
-# not be able to run arbitrary code through `_target_`.
-ALLOWED_TARGETS = ("titan.", "torch.optim.")
-GROUPS = tuple(f.name for f in dataclasses.fields(RunConfig))
-
-
-def _import_target(path: str) -> Any:
-    module, _, attr = path.rpartition(".")
-    return getattr(importlib.import_module(module), attr)
-
-
-def _check_node(group: str, node: DictConfig) -> None:
-    target = node.get("_target_")
-    if target is None:
-        raise ConfigError(f"config group '{group}' has no _target_; every group node names a titan dataclass")
-    if not str(target).startswith(ALLOWED_TARGETS):
-        raise ConfigError(
-            f"{group}._target_={target} is not allowed: targets must start with one of {ALLOWED_TARGETS}"
-        )
-    cls = _import_target(str(target))
-    if dataclasses.is_dataclass(cls):
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in node.keys() if not str(k).startswith("_") and k not in fields)
-        if unknown:
-            raise ConfigError(
-                f"unknown key(s) {', '.join(f'{group}.{k}' for k in unknown)}; valid keys of {group}: "
-                f"{', '.join(sorted(fields))}"
-            )
+from titan.launch.schemas import writable_schema
 
 
 def build_run_config(cfg: DictConfig) -> RunConfig:
-    missing = [g for g in GROUPS if g not in cfg]
-    if missing:
-        raise ConfigError(f"the config lacks the group(s) {missing}; compose from conf/train.yaml")
-    extra = sorted(k for k in cfg.keys() if k not in GROUPS and k != "hydra")
-    if extra:
-        raise ConfigError(f"unknown top-level key(s) {extra}; valid: {', '.join(GROUPS)}")
-    groups = {}
-    for group in GROUPS:
-        node = cfg[group]
-        _check_node(group, node)
-        missing_values = [k for k in node.keys() if OmegaConf.is_missing(node, k)]
-        if missing_values:
+    try:
+        # Composed from conf/train.yaml the config is typed already; a saved config.yaml started as a
+        # primary config is not, and merging it onto the schema checks it the same way.
+        typed = OmegaConf.merge(writable_schema(RunConfig), cfg)
+        _refuse_unknown_keys(typed, RunConfig)
+        return _tuples(OmegaConf.to_object(typed))
+    except OmegaConfBaseException as e:
+        raise ConfigError(describe_config_error(e)) from e
+    except ValueError as e:  # a dataclass's own check (ModelArgs' shape rules)
+        raise ConfigError(str(e)) from e
+
+
+def _refuse_unknown_keys(node: DictConfig, cls: type, prefix: str = "") -> None:
+    """Keys added with `+group.key=...` pass composition (Hydra opens the node to append them)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in node.keys():
+        if key not in fields:
             raise ConfigError(
-                f"{', '.join(f'{group}.{k}' for k in missing_values)} must be set (e.g. {group}.{missing_values[0]}=...)"
+                f"{prefix}{key}: no such key; valid keys of {prefix.rstrip('.') or 'the config'}: "
+                f"{', '.join(fields)}"
             )
-        try:
-            obj = instantiate(node, _convert_="all")
-        except InstantiationException as e:  # the dataclass's own check (e.g. ModelArgs) failed
-            raise ConfigError(str(e.__cause__ or e)) from e
-        groups[group] = _tuples(obj)
-    return RunConfig(**groups)
+        child_type = get_type_hints(cls)[key]
+        if dataclasses.is_dataclass(child_type):
+            _refuse_unknown_keys(node[key], child_type, f"{prefix}{key}.")
+
+
+def describe_config_error(e: OmegaConfBaseException) -> str:
+    """OmegaConf's error as one line that names the key: its messages carry the key on a later line."""
+    key = getattr(e, "full_key", None) or "config"
+    if isinstance(e, MissingMandatoryValue):
+        return f"{key} must be set (e.g. {key}=...)"
+    message = str(getattr(e, "msg", None) or e).splitlines()[0].rstrip(".")
+    schema = getattr(e, "object_type", None)
+    if isinstance(e, (ConfigKeyError, ConfigAttributeError)) and dataclasses.is_dataclass(schema):
+        group = key.rpartition(".")[0] or "the config"
+        message += f"; valid keys of {group}: {', '.join(f.name for f in dataclasses.fields(schema))}"
+    return f"{key}: {message}"
 
 
 def _tuples(obj: Any) -> Any:
-    """YAML gives lists; the frozen dataclasses hold tuples so they stay hashable and comparable."""
-    changes = {
-        f.name: tuple(getattr(obj, f.name))
-        for f in dataclasses.fields(obj)
-        if isinstance(getattr(obj, f.name), list)
-    }
+    """OmegaConf gives lists where the frozen dataclasses hold tuples (hashable, comparable)."""
+    changes = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, list):
+            changes[f.name] = tuple(value)
+        elif dataclasses.is_dataclass(value):
+            changes[f.name] = _tuples(value)
     return dataclasses.replace(obj, **changes) if changes else obj

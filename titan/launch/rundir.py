@@ -15,7 +15,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from titan.checkpoint.manager import checkpoint_folder, complete_steps
+from titan.checkpoint.format import checkpoint_folder, complete_steps
+from titan.config.plain import flatten, to_plain
+from titan.config.schema import RunConfig
+from titan.files import write_atomic
 
 log = logging.getLogger("titan")
 
@@ -37,6 +40,7 @@ RESUMABLE_CHANGES = (
     "data.num_workers",
 )
 SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+DEFAULTS = flatten(to_plain(RunConfig()))
 
 
 def run_name_from_overrides(override_dirname: str) -> str:
@@ -48,20 +52,22 @@ def run_name_from_overrides(override_dirname: str) -> str:
     return f"{slug}-{digest}"
 
 
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def config_changes(saved: dict, new: dict) -> list[tuple[str, object, object]]:
+    """(key, saved value, new value) for each key whose value differs.
+
+    A config saved by an older titan may name classes in `_target_` keys and lack keys added since:
+    `_target_` keys are not compared, and a key the saved config lacks is unchanged when its new
+    value is the key's default, so adding a key never blocks resuming an older run.
+    """
     a, b = flatten(saved), flatten(new)
-    return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    changes = []
+    for key in sorted(a.keys() | b.keys()):
+        if key.rpartition(".")[2] == "_target_" or a.get(key) == b.get(key):
+            continue
+        if key not in a and key in DEFAULTS and b[key] == DEFAULTS[key]:
+            continue
+        changes.append((key, a.get(key), b.get(key)))
+    return changes
 
 
 class ResumeRefused(ValueError):
@@ -133,20 +139,14 @@ def _env_report() -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Other ranks may read config.yaml while rank 0 writes it (under torchrun)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_provenance(run_dir: Path, config: dict, overrides: list[str], argv: list[str]) -> None:
     """config.yaml (resolved), overrides.yaml, git.txt, env.txt, cmd.txt. Rank 0 / the launcher only."""
     run_dir.mkdir(parents=True, exist_ok=True)
     # With its own hydra.run.dir, config.yaml is a primary config that launch.py can start again:
     # `python launch.py --config-dir <run dir> --config-name config` (add run.name=... for a new dir).
     saved = {**config, "hydra": {"run": {"dir": "${run.root}/${run.group}/${run.name}"}}}
-    _write_atomically(run_dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
+    # Atomic: other ranks may read config.yaml while rank 0 writes it (under torchrun).
+    write_atomic(run_dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
     (run_dir / "overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
     (run_dir / "git.txt").write_text(_git_state())
     (run_dir / "env.txt").write_text(_env_report())

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from titan.config.errors import ConfigError
-from titan.config.schema import ClusterConfig, RunConfig
+from titan.config.schema import RunConfig
 from titan.launch import jobstate
 from titan.launch.snapshot import snapshot_code
 
@@ -41,34 +41,6 @@ from titan.launch.snapshot import snapshot_code
 # come well before the time limit are not counted; with time_min <= 10 every USR2 counts). 100 chunks
 # of a 24-hour limit is three months: enough for a real run, finite for a job that cannot progress.
 MAX_TIMEOUT_REQUEUES = 100
-
-
-@dataclass(frozen=True)
-class SlurmClusterConfig(ClusterConfig):
-    launcher: str = "slurm"
-    nodes: int = 1
-    nproc_per_node: int | None = None  # Slurm tasks (ranks) per node; None: gpus_per_node, or 1 without GPUs
-    gpus_per_node: int = 0  # 0 on CPU-only partitions
-    partition: str | None = None  # None: the cluster's default partition
-    account: str | None = None
-    qos: str | None = None
-    time_min: int = 60  # the job's time limit (each attempt gets it anew)
-    cpus_per_task: int | None = None  # per rank: data loader workers + 1 or 2
-    mem_gb: float | None = None  # per node; None: the partition's default
-    constraint: str | None = None
-    exclude: str | None = None  # nodes to avoid, e.g. "node[012-013]"
-    setup: tuple[str, ...] = ()  # shell lines run before the ranks start: module loads, NCCL variables
-    # any other sbatch option, e.g. {mail-type: END}; kept as sorted (key, value) pairs, so the config hashes
-    sbatch_args: tuple[tuple[str, Any], ...] = ()
-    max_retries: int = 2  # requeues after a crash (exception, OOM kill) before the run is reported failed
-    max_concurrent: int = 0  # sweeps: jobs of one sweep running at once; 0: no limit
-    signal_delay_s: int = 120  # USR2 this long before the time limit: one step + a save + Slurm's ~60 s slack
-
-    def __post_init__(self) -> None:  # frozen: fields are settled once, here
-        if self.nproc_per_node is None:  # so the world size is known everywhere
-            object.__setattr__(self, "nproc_per_node", self.gpus_per_node or 1)
-        if isinstance(self.sbatch_args, dict):
-            object.__setattr__(self, "sbatch_args", tuple(sorted(self.sbatch_args.items())))
 
 
 # ---- before submitting: checks with the fix in each message ------------------------------------------
@@ -307,14 +279,16 @@ class SlurmTrain:
         return DelayedSubmission(SlurmTrain(self.cfg))
 
 
-def export_srun_task_env() -> bool:
-    """Inside `srun` with several tasks (e.g. in an salloc session): export this task's rank and master
-    for torch.distributed; returns False outside such a step. (An interactive shell that Slurm starts
-    as a one-task step of a bigger allocation is not a rank: it counts the step's tasks, not the job's.)"""
-    if int(os.environ.get("SLURM_STEP_NUM_TASKS", 1)) < 2:
-        return False
+def in_srun_task() -> bool:
+    """Whether this process is a task of an `srun` step with several tasks (e.g. in an salloc session),
+    and so one rank. An interactive shell that Slurm starts as a one-task step of a bigger allocation
+    is not a rank: it counts the step's tasks, not the job's."""
+    return int(os.environ.get("SLURM_STEP_NUM_TASKS", 1)) >= 2
+
+
+def export_srun_task_env() -> None:
+    """Export this srun task's rank, world size and master address for torch.distributed."""
     os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")  # submitit reads Slurm's variables then
     from submitit.helpers import TorchDistributedEnvironment
 
     TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    return True

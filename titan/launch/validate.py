@@ -3,15 +3,16 @@
 Every message names the keys involved and a fix. All problems are reported at once.
 """
 
-from titan.checkpoint.manager import config_problems
+from titan.checkpoint.options import config_problems
 from titan.config.errors import ConfigError
 from titan.config.schema import RunConfig
+from titan.data.checks import num_workers_problem
+from titan.data.documents import SOURCES
 from titan.distributed.ac import AC_MODES
 from titan.distributed.fsdp import DTYPES, RESHARD_CHOICES
 from titan.distributed.mesh import ParallelDims
 from titan.train.optim import OPTIMIZERS, SCHEDULES
 
-DATA_SOURCES = ("huggingface", "jsonl", "parquet", "text")
 RESUME_POLICIES = ("auto", "never", "must")
 PROGRESS_MODES = ("auto", "bar", "lines")
 DEVICES = ("auto", "cpu", "cuda")
@@ -34,14 +35,14 @@ def _nearest_multiples(value: int, unit: int) -> str:
 
 
 def world_size(cfg: RunConfig, gpus_on_machine: int) -> int:
-    return cfg.cluster.nodes * nproc_per_node(cfg, gpus_on_machine)
+    """cluster.nodes x `cluster.nproc_per_node`, or one rank per GPU, or 2 ranks on a CPU machine.
 
-
-def nproc_per_node(cfg: RunConfig, gpus_on_machine: int) -> int:
-    """`cluster.nproc_per_node`, or one rank per GPU, or 2 ranks on a CPU machine."""
-    if cfg.cluster.nproc_per_node is not None:
-        return cfg.cluster.nproc_per_node
-    return gpus_on_machine if gpus_on_machine > 0 else 2
+    A Slurm cluster config has settled nproc_per_node already, from the partition's GPUs.
+    """
+    per_node = cfg.cluster.nproc_per_node
+    if per_node is None:
+        per_node = gpus_on_machine if gpus_on_machine > 0 else 2
+    return cfg.cluster.nodes * per_node
 
 
 def validate(cfg: RunConfig, world: int) -> ParallelDims:
@@ -76,12 +77,9 @@ def validate(cfg: RunConfig, world: int) -> ParallelDims:
                 f"training.micro_batch_size={t.micro_batch_size}; use {_nearest_multiples(t.global_batch_size, unit)}"
             )
         _check_model_parallel(errors, cfg, dims)
-        streams_per_rank = t.global_batch_size // dims.dp
-        if d.num_workers > 0 and streams_per_rank % d.num_workers:
-            errors.append(
-                f"data.num_workers={d.num_workers} does not divide the {streams_per_rank} sequences each rank "
-                f"loads per step (training.global_batch_size / dp); use a divisor of {streams_per_rank}"
-            )
+        problem = num_workers_problem(d.num_workers, t.global_batch_size, dims.dp)
+        if problem:
+            errors.append(problem)
 
     _choice(errors, "optimizer.name", o.name, OPTIMIZERS)
     _choice(errors, "optimizer.schedule", o.schedule, SCHEDULES)
@@ -95,7 +93,7 @@ def validate(cfg: RunConfig, world: int) -> ParallelDims:
     if not 0 <= o.min_lr_factor <= 1:
         errors.append(f"optimizer.min_lr_factor={o.min_lr_factor} must be in [0, 1]")
 
-    _choice(errors, "data.source", d.source, DATA_SOURCES)
+    _choice(errors, "data.source", d.source, SOURCES)
     _positive(errors, "data.num_workers", d.num_workers, 0)
     errors += config_problems(cfg.checkpoint)
     _positive(errors, "metrics.log_freq", cfg.metrics.log_freq)
@@ -142,36 +140,25 @@ def _check_model_parallel(errors: list[str], cfg: RunConfig, dims: ParallelDims)
 
 
 def _check_pipeline(errors: list[str], cfg: RunConfig, dims: ParallelDims) -> None:
-    from titan.distributed.pipeline import SPLIT_BACKWARD, plan_pipeline
+    from titan.distributed.pipeline import layout_problems
+    from titan.models.llama.pipeline import plan_pipeline
 
     p, t = cfg.parallelism, cfg.training
     try:
         plan_pipeline(cfg.model, p, local_batch=t.global_batch_size // dims.dp)
     except ValueError as e:
         errors.append(str(e))
-    if dims.ddp_enabled and not dims.fsdp_enabled:
-        errors.append(
-            "DDP (parallelism.dp_replicate > 1 with dp_shard=1) with parallelism.pp > 1 gives wrong gradients "
-            "(the pipeline's backward bypasses DDP's all-reduce hooks); use parallelism.dp_shard > 1 (FSDP or HSDP)"
-        )
-    if p.pp_schedule in SPLIT_BACKWARD:
-        if p.reshard_after_forward == "always" and dims.fsdp_enabled:
-            errors.append(
-                f"parallelism.pp_schedule={p.pp_schedule} with parallelism.reshard_after_forward=always loses "
-                "gradients (the separate weight-gradient pass runs after FSDP freed the parameters); use "
-                "reshard_after_forward=default or a non-zero-bubble schedule (1F1B, GPipe, Interleaved1F1B)"
-            )
-        if t.compile or t.ac == "op":
-            errors.append(
-                f"parallelism.pp_schedule={p.pp_schedule} runs backward in two passes, which compiled blocks and "
-                "training.ac=op refuse; set training.compile=false and training.ac to none, full or layer, or "
-                "use 1F1B, GPipe, Interleaved1F1B or LoopedBFS"
-            )
+    errors += layout_problems(
+        p.pp_schedule,
+        ddp=dims.ddp_enabled and not dims.fsdp_enabled,
+        reshards_after_forward=p.reshard_after_forward == "always" and dims.fsdp_enabled,
+        backward_once=t.compile or t.ac == "op",
+    )
 
 
 def validate_data(cfg: RunConfig) -> None:
     """Checks that read files (tokenizer, local data): after the cheap checks, still before any rank."""
-    from titan.data.loader import check_data
+    from titan.data.checks import check_data
     from titan.data.tokenizer import build_tokenizer
 
     try:

@@ -15,17 +15,20 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from titan.checkpoint.manager import Checkpointer, complete_steps
+from titan.checkpoint.format import complete_steps
+from titan.checkpoint.manager import Checkpointer
 from titan.config.schema import RunConfig
 from titan.data.loader import TrainLoader
-from titan.distributed.cp import apply_cp, shard_sequence
+from titan.distributed.cp import shard_sequence
 from titan.distributed.fsdp import DTYPES
+from titan.distributed.grad_norm import grad_norm
 from titan.distributed.mesh import ParallelDims, device_for
-from titan.distributed.pipeline import build_pipeline, grad_norm
 from titan.models.llama.args import flops_per_token
+from titan.models.llama.cp import apply_cp
 from titan.models.llama.init import init_weights
 from titan.models.llama.model import Transformer
 from titan.models.llama.parallelize import parallelize_llama
+from titan.models.llama.pipeline import build_pipeline
 from titan.train.logs import setup_rank_logging
 from titan.train.loss import cross_entropy_sum
 from titan.train.metrics import MetricsLogger
