@@ -44,6 +44,7 @@ test-fast: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
+	$(VENV)/bin/lint-imports --no-logo
 	$(PY) -m ruff check titan tests launch.py benchmarks hydra_plugins
 	$(PY) -m ruff format --check titan tests launch.py benchmarks hydra_plugins
 
