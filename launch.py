@@ -12,7 +12,8 @@ from omegaconf import DictConfig
 
 from titan.launch import main as titan_main
 
-titan_main.register(sweeps=Path(__file__).parent / "sweeps")
+REPO = Path(__file__).parent
+titan_main.register(sweeps=REPO / "sweeps")
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
@@ -21,5 +22,4 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
-    with titan_main.one_line_config_errors():
-        main()
+    titan_main.run(main, conf=REPO / "conf", sweeps=REPO / "sweeps")

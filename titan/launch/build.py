@@ -17,6 +17,7 @@ from omegaconf.errors import (
 
 from titan.config.errors import ConfigError
 from titan.config.schema import RunConfig
+from titan.launch.safety import INSTANTIATE_KEYS
 from titan.launch.schemas import writable_schema
 
 
@@ -24,6 +25,7 @@ def build_run_config(cfg: DictConfig) -> RunConfig:
     try:
         # Composed from conf/train.yaml the config is typed already; a saved config.yaml started as a
         # primary config is not, and merging it onto the schema checks it the same way.
+        _refuse_instantiate_keys(OmegaConf.to_container(cfg, resolve=False))
         typed = OmegaConf.merge(writable_schema(RunConfig), cfg)
         _refuse_unknown_keys(typed, RunConfig)
         return _tuples(OmegaConf.to_object(typed))
@@ -31,6 +33,15 @@ def build_run_config(cfg: DictConfig) -> RunConfig:
         raise ConfigError(describe_config_error(e)) from e
     except ValueError as e:  # a dataclass's own check (ModelArgs' shape rules)
         raise ConfigError(str(e)) from e
+
+
+def _refuse_instantiate_keys(node: Any, prefix: str = "") -> None:
+    """Also where a field takes any value (cluster.sbatch_args): nothing built from a config names code."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        if key in INSTANTIATE_KEYS:
+            raise ConfigError(f"{prefix}{key}: names code to run; a titan config holds values only")
+        _refuse_instantiate_keys(value, f"{prefix}{key}.")
 
 
 def _refuse_unknown_keys(node: DictConfig, cls: type, prefix: str = "") -> None:
