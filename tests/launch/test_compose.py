@@ -56,7 +56,7 @@ def test_defaults_are_the_make_train_run():
     assert cfg.model.dim == 256 and cfg.training.steps == 100
     assert cfg.optimizer.betas == (0.9, 0.95)  # lists become tuples: the config stays hashable
     hash(cfg)
-    assert cfg.run.group == "llama3_debug" and cfg.run.name == "default"
+    assert cfg.run.group == "llama3_debug" and cfg.run.name.startswith("default-")
 
 
 def test_overrides_reach_the_dataclasses():
@@ -64,14 +64,34 @@ def test_overrides_reach_the_dataclasses():
     assert cfg.optimizer.lr == 1e-3 and cfg.training.steps == 7 and cfg.parallelism.dp_shard == 1
 
 
-def test_run_name_is_deterministic_and_ignores_watch_only_keys():
-    a = build_run_config(compose_config(["optimizer.lr=1e-3"])).run.name
-    b = build_run_config(
-        compose_config(["optimizer.lr=1e-3", "training.steps=500", "metrics.log_freq=1"])
-    ).run.name
-    c = build_run_config(compose_config(["optimizer.lr=2e-3"])).run.name
-    assert a == b != c
-    assert a.startswith("optimizer.lr-1e-3-")
+def run_name(tmp_path, *overrides: str) -> str:
+    return build_run_config(compose_config([f"run.root={tmp_path}", *overrides])).run.name
+
+
+def test_the_run_name_is_its_identity(tmp_path):
+    """Only what the run computes names it: how it runs, is watched or is checkpointed does not."""
+    plain = run_name(tmp_path)
+    for how in (
+        ["training.steps=500", "metrics.log_freq=1"],
+        ["parallelism=tp2", "training.micro_batch_size=1"],
+        ["checkpoint.load_step=5", "checkpoint.export_hf=true", "checkpoint=async"],
+        ["parallelism=fsdp", "checkpoint=dcp"],  # the defaults, given explicitly
+        ["training.compile=true", "training.ac=op", "training.param_dtype=float32", "data.num_workers=2"],
+        ["cluster.nproc_per_node=4", "data.on_bad_record=skip", "training.max_nonfinite_steps=0"],
+    ):
+        assert run_name(tmp_path, *how) == plain, how
+    changed = run_name(tmp_path, "optimizer.lr=1e-3")
+    assert changed.startswith("optimizer.lr-1e-3-") and changed != plain
+    for what in (["training.seed=1"], ["training.seq_len=128"], ["optimizer=sgd"], ["model.n_layers=2"]):
+        assert run_name(tmp_path, *what) not in (plain, changed), what
+
+
+def test_a_default_spelled_out_finds_the_directory_of_the_plain_command(tmp_path):
+    plain = run_name(tmp_path)
+    spelled_out = ("optimizer.lr=3e-4", "model=llama3_debug", "optimizer=adamw")
+    assert run_name(tmp_path, *spelled_out) != plain  # no directory yet: named as spelled
+    (tmp_path / "llama3_debug" / plain).mkdir(parents=True)
+    assert run_name(tmp_path, *spelled_out) == plain  # the same identity: the same run
 
 
 def test_explicit_run_name():
@@ -85,7 +105,7 @@ def test_unknown_key_lists_the_valid_keys():
 
 def test_a_target_key_builds_nothing():
     """The schema is the type: `_target_` is not a key, so a config cannot name code to run."""
-    with pytest.raises(ConfigError, match=r"^training._target_: no such key"):
+    with pytest.raises(ConfigError, match=r"^training._target_: names code to run"):
         build_run_config(compose_config(["+training._target_=os.system"]))
 
 

@@ -8,7 +8,7 @@ import yaml
 
 from tests.launch.slurm_utils import TINY, job_ids, launch, metrics, requires_slurm, slurm, wait_for_job
 from titan.launch import report
-from titan.launch.rundir import run_name_from_overrides
+from titan.launch.identity import run_name
 from titan.tools import report as report_tool
 
 ONE_RANK = [*TINY, "parallelism=single", "cluster.nproc_per_node=1", "training.steps=6"]
@@ -19,8 +19,10 @@ def points(sweep_dir):
 
 
 def named_from_overrides(run_dir) -> bool:
+    """A sweep point is named by its overrides (launch/identity.py): the readable part of its name."""
     hydra = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]
-    return run_dir.name == run_name_from_overrides(hydra["job"]["override_dirname"])
+    expected = run_name(hydra["overrides"]["task"], {}, [], in_sweep=True)
+    return run_dir.name.rpartition("-")[0] == expected.rpartition("-")[0]
 
 
 @pytest.mark.slow

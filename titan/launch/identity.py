@@ -1,0 +1,114 @@
+"""A run's identity: the keys that decide what it computes.
+
+They alone name a run's directory, and only they are refused when a run resumes with other values.
+Everything else (the parallel layout, micro-batch, checkpointing, compile, AC, precision, cluster,
+logging, the number of steps) may change between launches of one run: the same run can go on at
+another layout or with another checkpoint setting, and layouts agree within the parity tolerance.
+"""
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable
+from typing import Any
+
+# Exact keys, and prefixes ending in ".".
+IDENTITY_KEYS = (
+    "model.",
+    "data.source",
+    "data.path",
+    "data.name",
+    "data.split",
+    "data.text_field",
+    "data.tokenizer",
+    "optimizer.",
+    "training.seed",
+    "training.global_batch_size",
+    "training.seq_len",
+    "training.max_norm",
+)
+IDENTITY_GROUPS = ("model", "data", "optimizer")
+# In a sweep, every point is its own run even where only its layout differs (the layouts sweep):
+# points are named by all their overrides but these, which say where and how a job is watched and
+# scheduled.
+NEVER_NAMED = (
+    "run.",
+    "metrics.",
+    "experiment",
+    "sweeps",
+    "hydra.",
+    "training.steps",
+    "checkpoint.interval",
+    "cluster",
+    "cluster.partition",
+    "cluster.account",
+    "cluster.qos",
+    "cluster.time_min",
+    "cluster.cpus_per_task",
+    "cluster.mem_gb",
+    "cluster.constraint",
+    "cluster.exclude",
+    "cluster.setup",
+    "cluster.sbatch_args",
+    "cluster.max_retries",
+    "cluster.max_concurrent",
+    "cluster.signal_delay_s",
+)
+
+
+def _matches(key: str, patterns: Iterable[str]) -> bool:
+    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
+
+
+def is_identity_key(key: str) -> bool:
+    return _matches(key, IDENTITY_KEYS)
+
+
+def identity_of(flat_config: dict[str, Any]) -> dict[str, Any]:
+    """The identity keys of a flattened config, with their values."""
+    return {k: v for k, v in sorted(flat_config.items()) if is_identity_key(k)}
+
+
+def _override_key(override: str) -> str:
+    return override.lstrip("+~").partition("=")[0]
+
+
+def names_the_run(override: str, in_sweep: bool) -> bool:
+    key = _override_key(override)
+    if in_sweep:
+        return not _matches(key, NEVER_NAMED)
+    return key in IDENTITY_GROUPS or is_identity_key(key)
+
+
+def run_name(
+    overrides: Iterable[str], identity: dict[str, Any], existing: Iterable[str], in_sweep: bool
+) -> str:
+    """`<the overrides that name the run>-<hash of the run's identity>`; never a timestamp.
+
+    The hash is of the identity's values, not of how they were spelled, so a run directory whose
+    name ends in the same hash is this run's (found in `existing`): `model=llama3_debug` (the
+    default, given explicitly) or `optimizer.lr=3e-4` finds the directory of the plain command.
+    """
+    named = sorted(o for o in overrides if names_the_run(o, in_sweep))
+    if in_sweep:  # the swept keys are part of what tells the points apart
+        identity = {**identity, "overrides": named}
+    digest = hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    if not in_sweep:
+        for name in sorted(existing):
+            if name.endswith(f"-{digest}"):
+                return name
+    slug = "+".join(o.lstrip("+~").replace("=", "-", 1) for o in named) or "default"
+    return f"{re.sub(r'[^A-Za-z0-9_.+-]', '_', slug)[:120]}-{digest}"
+
+
+def run_name_problem(name: object) -> str | None:
+    """run.name is one directory inside <run.root>/<run.group>: never a path, `.`, `..` or empty."""
+    if name is None:
+        return None
+    text = str(name)
+    if text in ("", ".", "..") or not re.fullmatch(r"[A-Za-z0-9_.+=,@-]+", text):
+        return (
+            f"run.name={text!r} must be a plain directory name (letters, digits and _ . + = , @ -), "
+            "not a path, '.', '..' or empty"
+        )
+    return None
