@@ -4,6 +4,7 @@ import shutil
 from pathlib import Path
 
 from tests.utils import tiny_config
+from titan.checkpoint.format import OWNER_FILE
 from titan.config.schema import RunConfig
 from titan.launch.local import launch_local
 from titan.train.trainer import run
@@ -42,7 +43,7 @@ def rewind(full_dir: Path, run_dir: Path, step: int) -> Path:
     (a crash after those steps): later checkpoints are gone."""
     shutil.copytree(full_dir, run_dir)
     for entry in (run_dir / "checkpoints").iterdir():
-        if entry.name != f"step-{step}":
+        if entry.name not in (f"step-{step}", OWNER_FILE):
             shutil.rmtree(entry)
     metrics = run_dir / "metrics.jsonl"
     metrics.write_text("".join(metrics.read_text().splitlines(keepends=True)[: step + 3]))
@@ -65,3 +66,8 @@ def relaunch(saved: Path, tmp_path: Path, *, steps: int = 6, **checkpoint) -> tu
     run_dir = tmp_path / "again"
     shutil.copytree(saved, run_dir)
     return run_dir, one_rank_config(run_dir, steps=steps, keep_latest_k=0, **checkpoint)
+
+
+def names(folder: Path) -> list[str]:
+    """A checkpoint folder's entries, less its owner mark."""
+    return sorted(p.name for p in Path(folder).iterdir() if p.name != OWNER_FILE)

@@ -8,7 +8,7 @@ import shutil
 import pytest
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
 
-from tests.checkpoint.common import one_rank_config, relaunch
+from tests.checkpoint.common import names, one_rank_config, relaunch
 from tests.utils import TINY_MODEL, read_metrics, read_model
 from titan.checkpoint.manager import CheckpointLoadError, CheckpointSaveError
 from titan.checkpoint.options import config_problems
@@ -116,7 +116,7 @@ def test_full_disk_stops_training_and_keeps_the_previous_checkpoint(tmp_path, mo
     assert "saving checkpoint step 4" in str(e.value) and "No space left on device" in str(e.value)
     assert f"the newest complete checkpoint is {tmp_path / 'checkpoints' / 'step-2'}" in str(e.value)
     assert [m["step"] for m in read_metrics(tmp_path)][-1] < 6  # training stopped
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-2"]
+    assert names(tmp_path / "checkpoints") == ["step-2"]
     assert read_model(tmp_path, 2)  # still complete and readable
 
 
@@ -125,7 +125,7 @@ def test_full_disk_with_on_error_warn_trains_on(tmp_path, monkeypatch, mode):
     full_disk_at(monkeypatch, "step-4.partial")
     run(one_rank_config(tmp_path, steps=6, mode=mode, on_error="warn"))
     assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-2", "step-6"]
+    assert names(tmp_path / "checkpoints") == ["step-2", "step-6"]
     assert "training goes on (checkpoint.on_error=warn)" in (tmp_path / "logs" / "rank0.log").read_text()
 
 

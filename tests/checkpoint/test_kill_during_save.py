@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.checkpoint.common import RESUME_AT, STEPS, launch, resume_config
+from tests.checkpoint.common import RESUME_AT, STEPS, launch, names, resume_config
 from tests.utils import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -43,7 +43,7 @@ def test_kill_during_save_resumes_from_previous_checkpoint(tmp_path, monkeypatch
     killer.join()
     assert killed, "the rank never reached the save"
     checkpoints = run_dir / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == [f"step-{RESUME_AT}", f"step-{STEPS}.partial"]
+    assert names(checkpoints) == [f"step-{RESUME_AT}", f"step-{STEPS}.partial"]
     uninterrupted = read_metrics(run_dir)  # every step ran before the final save was cut off
     assert [m["step"] for m in uninterrupted] == list(range(1, STEPS + 1))
 
@@ -57,4 +57,4 @@ def test_kill_during_save_resumes_from_previous_checkpoint(tmp_path, monkeypatch
     assert [m["step"] for m in resumed] == list(range(1, STEPS + 1))
     assert [[m[k] for k in keys] for m in resumed] == [[m[k] for k in keys] for m in uninterrupted]
     assert resumed[-1]["loss"] < resumed[RESUME_AT]["loss"]
-    assert sorted(p.name for p in checkpoints.iterdir()) == [f"step-{RESUME_AT}", f"step-{STEPS}"]
+    assert names(checkpoints) == [f"step-{RESUME_AT}", f"step-{STEPS}"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import titan.checkpoint.manager
-from tests.checkpoint.common import launch, one_rank_config, relaunch
+from tests.checkpoint.common import launch, names, one_rank_config, relaunch
 from tests.utils import TINY_MODEL, read_metrics, read_model
 from titan.checkpoint.dcp_model import read_dcp_model
 from titan.checkpoint.format import read_metadata
@@ -19,10 +19,6 @@ from titan.models.llama.init import init_weights
 from titan.models.llama.model import Transformer
 from titan.tools.convert import main
 from titan.train.trainer import Trainer, run
-
-
-def names(folder):
-    return sorted(p.name for p in folder.iterdir())
 
 
 def test_keep_latest_k_purges_older_and_stale(tmp_path):

@@ -7,7 +7,7 @@ not depend on the mode), and a background process per rank would only add start-
 
 import pytest
 
-from tests.checkpoint.common import RESUME_AT, STEPS, launch, resume_config, rewind
+from tests.checkpoint.common import RESUME_AT, STEPS, launch, names, resume_config, rewind
 from tests.utils import read_metrics, read_model
 
 pytestmark = pytest.mark.slow
@@ -21,7 +21,7 @@ def test_resume_is_bitwise_equal(tmp_path, full_run, mode):
     full = read_metrics(full_dir)
     assert [m["step"] for m in full] == list(range(1, STEPS + 1))
     assert full[-1]["loss"] < full[0]["loss"]
-    assert sorted(p.name for p in (full_dir / "checkpoints").iterdir()) == [
+    assert names(full_dir / "checkpoints") == [
         f"step-{RESUME_AT}",
         f"step-{STEPS}",
     ]

@@ -14,11 +14,14 @@ Layout of one step directory:
   `rng/rank-NNNNN.json`        each rank's torch RNG state
 titan's own non-tensor state is JSON, so reading it never unpickles anything; DCP's `.metadata` file
 and the optimizer's hyper-parameters inside DCP are pickles: load checkpoints only from sources you
-trust. Beside the step directories, `hf-step-N/` is a Hugging Face export of step N.
+trust. Beside the step directories, `hf-step-N/` is a Hugging Face export of step N, and `owner.json`
+names the run the folder belongs to: another run refuses the folder (it would resume that run's
+state and purge its checkpoints).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -36,10 +39,11 @@ log = logging.getLogger("titan")
 
 PARTIAL_SUFFIX = ".partial"
 # A directory being replaced or purged is renamed first, so a crash mid-delete never leaves a
-# damaged `step-N`; what such a crash leaves is deleted with the next purge.
+# damaged `step-N`; what such a crash leaves is deleted when the run next starts or purges.
 PURGING_SUFFIX = ".purging"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _PARTIAL_DIR = re.compile(r"^step-(\d+)\.partial$")
+OWNER_FILE = "owner.json"
 
 
 def checkpoint_folder(run_dir: Path | str, folder: str | None) -> Path:
@@ -63,25 +67,126 @@ def partial_dir(final: Path) -> Path:
     return final.with_name(final.name + PARTIAL_SUFFIX)
 
 
-def scan(folder: Path) -> tuple[list[int], dict[int, Path]]:
-    """(complete steps ascending, {step: its interrupted `.partial` directory})."""
-    if not Path(folder).is_dir():
-        return [], {}
-    steps, partial = [], {}
-    for entry in Path(folder).iterdir():
+def read_owner(folder: Path) -> dict | None:
+    """The folder's owner mark, {"run_dir": ..., "saved": whether a checkpoint was ever committed
+    there}, or None when it has none. A mark that names no run raises ValueError."""
+    file = Path(folder) / OWNER_FILE
+    try:
+        owner = json.loads(file.read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not JSON ({e}): fix it or remove it") from e
+    if not isinstance(owner, dict) or not isinstance(owner.get("run_dir"), str):
+        raise ValueError(f'{file} names no run (expected {{"run_dir": "..."}}): fix it or remove it')
+    return owner
+
+
+def owner_problem(folder: Path, run_dir: Path) -> str | None:
+    """Why `folder` may not hold `run_dir`'s checkpoints, or None.
+
+    A folder belongs to the run its owner file names. One inside the run dir is that run's whatever
+    its mark says: a run dir copied or moved takes its checkpoints along (and an older titan left no
+    mark). An unmarked folder elsewhere is free while it holds no checkpoint.
+    """
+    folder, run_dir = Path(folder).resolve(), Path(run_dir).resolve()
+    if folder.is_relative_to(run_dir):
+        return None
+    owner = read_owner(folder)
+    if owner is not None and owner["run_dir"] == str(run_dir):
+        return None
+    steps = scan(folder).steps
+    if owner is None and not steps:
+        return None
+    own = "give this run a folder of its own (another checkpoint.folder, or none for <run dir>/checkpoints)"
+    mark = folder / OWNER_FILE
+    if owner is None:
+        return (
+            f"checkpoint.folder {folder} holds checkpoints (steps {steps}) but no {OWNER_FILE} naming the run "
+            f'they belong to: if they are this run\'s, write {{"run_dir": "{run_dir}"}} to {mark}; '
+            f"otherwise {own}"
+        )
+    start = (
+        f"; to start from its weights, set checkpoint.initial_load_path={folder}/step-{steps[-1]}"
+        if steps
+        else ""
+    )
+    return (
+        f"checkpoint.folder {folder} belongs to another run, {owner['run_dir']} (named in {mark}): {own}{start}; "
+        f"if that run's directory was moved here, write this one in {mark}"
+    )
+
+
+def claim(folder: Path, run_dir: Path, *, saved: bool) -> bool:
+    """Mark `folder` as `run_dir`'s, noting whether a checkpoint was ever committed there (`saved`, or
+    an earlier mark saying so); returns that. Raises ValueError when the folder is another run's."""
+    problem = owner_problem(folder, run_dir)
+    if problem:
+        raise ValueError(problem)
+    owner = read_owner(folder) or {}
+    mark = {"run_dir": str(Path(run_dir).resolve()), "saved": bool(saved or owner.get("saved"))}
+    if owner != mark:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        write_atomic(Path(folder) / OWNER_FILE, json.dumps(mark))
+    return mark["saved"]
+
+
+@dataclasses.dataclass
+class Contents:
+    """What a checkpoint folder holds (see `scan`)."""
+
+    steps: list[int]  # complete checkpoints, ascending
+    partial: dict[int, Path]  # interrupted saves, by step
+    broken: dict[int, Path]  # `step-N` entries that are not directories: a dangling symlink, a file
+    purging: list[Path]  # set aside for deletion
+
+
+def scan(folder: Path) -> Contents:
+    """The checkpoints in `folder` (none when it does not exist). A folder that cannot be read raises
+    (PermissionError): that is not the same as holding no checkpoint."""
+    try:
+        with os.scandir(folder) as listing:
+            entries = list(listing)
+    except (FileNotFoundError, NotADirectoryError):
+        return Contents([], {}, {}, [])
+    found = Contents([], {}, {}, [])
+    for entry in entries:
         if m := _PARTIAL_DIR.match(entry.name):
-            partial[int(m.group(1))] = entry
-        elif (m := _STEP_DIR.match(entry.name)) and entry.is_dir():
-            steps.append(int(m.group(1)))
-    return sorted(steps), dict(sorted(partial.items()))
+            found.partial[int(m.group(1))] = Path(entry.path)
+        elif m := _STEP_DIR.match(entry.name):
+            if entry.is_dir():  # follows a symlink
+                found.steps.append(int(m.group(1)))
+            else:
+                found.broken[int(m.group(1))] = Path(entry.path)
+        elif entry.name.endswith(PURGING_SUFFIX):
+            found.purging.append(Path(entry.path))
+    found.steps.sort()
+    found.partial = dict(sorted(found.partial.items()))
+    found.broken = dict(sorted(found.broken.items()))
+    return found
+
+
+def describe_broken(path: Path) -> str:
+    """What a `step-N` entry that is no checkpoint is instead ("<path> is <this>")."""
+    if path.is_symlink():
+        return f"a symlink to {os.readlink(path)}, which is not a directory (missing, or not mounted)"
+    return "not a directory"
 
 
 def complete_steps(folder: Path) -> list[int]:
-    """Steps with a complete checkpoint, ascending. Warns about partial (interrupted) saves."""
-    steps, partial = scan(folder)
-    for entry in partial.values():
+    """Steps with a complete checkpoint, ascending. Warns about partial (interrupted) saves and
+    `step-N` entries that are not checkpoints."""
+    found = scan(folder)
+    warn_skipped(found)
+    return found.steps
+
+
+def warn_skipped(found: Contents) -> None:
+    """A warning for each entry a resume skips: partial saves, `step-N` entries that are no checkpoint."""
+    for entry in found.partial.values():
         log.warning("skipping incomplete checkpoint %s (a save that did not finish)", entry)
-    return steps
+    for entry in found.broken.values():
+        log.warning("skipping %s: it is %s, not a checkpoint", entry, describe_broken(entry))
 
 
 def begin(final: Path) -> Path:
@@ -92,18 +197,29 @@ def begin(final: Path) -> Path:
     return partial
 
 
+def remove(path: Path) -> None:
+    """Delete a directory tree, or a symlink or file (a dangling `step-N` link that was set aside: the
+    link goes, never what it points to). Errors are ignored: this is housekeeping."""
+    if path.is_symlink() or path.is_file():
+        with contextlib.suppress(OSError):
+            path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def set_aside(path: Path) -> Path:
-    """Rename a directory to `*.purging` (instant), for deletion later; returns the new path."""
+    """Rename a directory (or a link) to `*.purging` (instant), for deletion later; returns the new path."""
     aside = path.with_name(path.name + PURGING_SUFFIX)
-    shutil.rmtree(aside, ignore_errors=True)
+    remove(aside)
     os.replace(path, aside)
     return aside
 
 
 def commit(partial: Path, final: Path) -> Path | None:
     """Rename a completely written `.partial` directory to `final`, durably. A `final` that exists
-    (a re-save of the same step, a repeated export) is set aside first; returns where it went."""
-    aside = set_aside(final) if final.exists() else None
+    (a re-save of the same step, a repeated export, a dangling link) is set aside first; returns where
+    it went."""
+    aside = set_aside(final) if final.is_symlink() or final.exists() else None
     os.replace(partial, final)
     fsync_dir(final.parent)
     return aside

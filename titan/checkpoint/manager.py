@@ -11,6 +11,10 @@ most one save is in flight. The main thread never waits on the background: at ea
 while a save is in flight, the ranks agree (one small all-reduce on a second gloo group) whether
 every rank has finished; then rank 0 commits, and older checkpoints are purged in a background
 thread. A failed save fails loudly on every rank at the same step.
+
+Before loading, rank 0 refuses a folder that is another run's and marks the folder as this run's
+(`owner.json`, see `format.py`), noting once it holds a committed checkpoint; it also deletes what a
+crash mid-purge left.
 """
 
 from __future__ import annotations
@@ -42,16 +46,18 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from titan.checkpoint.compat import compare_with_checkpoint, model_args_diff
 from titan.checkpoint.format import (
-    PURGING_SUFFIX,
     begin,
     checkpoint_folder,
+    claim,
     commit,
     complete_steps,
     hf_dir,
+    owner_problem,
     partial_dir,
     read_loader_states,
     read_rng_state,
     read_train_state,
+    remove,
     scan,
     set_aside,
     step_dir,
@@ -134,6 +140,7 @@ class Checkpointer:
         if problems:
             raise ValueError("; ".join(problems))
         self.cfg = cfg
+        self.run_dir = Path(run_dir)
         self.folder = checkpoint_folder(run_dir, cfg.folder)
         self.model_parts = list(model_parts)
         self.optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
@@ -163,6 +170,7 @@ class Checkpointer:
             )
         self._pending: _PendingSave | None = None
         self._purger: threading.Thread | None = None
+        self._marked_saved = False  # rank 0: the folder's owner mark says a checkpoint was committed
         self._last_save_s = _now()
         self.last_stall_s = 0.0  # how long the latest save held the training loop (benchmarks)
 
@@ -286,6 +294,8 @@ class Checkpointer:
         error = None
         if self.rank == 0:
             try:
+                if not self._marked_saved:  # before the commit: a committed checkpoint is always known
+                    self._marked_saved = claim(self.folder, self.run_dir, saved=True)
                 # A re-save of a step (after loading an older one) sets the old one aside for the purge.
                 commit(pending.partial, step_dir(self.folder, pending.step))
             except _ERRORS as e:
@@ -312,7 +322,7 @@ class Checkpointer:
         dist.all_gather_object(messages, mine, group=self._control)
         if self.rank == 0:
             shutil.rmtree(partial, ignore_errors=True)  # frees the space a full disk needs back
-        steps, _ = scan(self.folder)
+        steps = scan(self.folder).steps
         kept = (
             f"the newest complete checkpoint is {step_dir(self.folder, steps[-1])}"
             if steps
@@ -328,34 +338,34 @@ class Checkpointer:
             "checkpoint.on_error=warn to train on without this checkpoint."
         ) from error
 
-    def _start_purge(self, keep: int) -> None:
+    def _start_purge(self, keep: int | None) -> None:
         """Delete checkpoints beyond the newest `keep_latest_k` in the background (rank 0).
 
         Each is first renamed to `*.purging` (instant), so a crash mid-delete never leaves a damaged
-        `step-N`; leftovers of such a crash are deleted with the next purge. `keep`, the step just
-        committed, stays even when newer checkpoints exist (a run resumed from an older load_step).
+        `step-N`; leftovers of such a crash are deleted at the next start (`keep` None: nothing else
+        is purged then) or purge. `keep`, the step just committed, stays even when newer checkpoints
+        exist (a run resumed from an older load_step).
         """
         if self._purger is not None:
             self._purger.join()
-        steps, partial = scan(self.folder)
+        found = scan(self.folder)
         doomed = []
-        if self.cfg.keep_latest_k > 0 and steps:
-            doomed = [step_dir(self.folder, s) for s in steps[: -self.cfg.keep_latest_k] if s != keep]
-            # Interrupted saves older than the newest complete checkpoint can never be completed;
-            # the save in flight (if any) is newer.
-            doomed += [p for s, p in partial.items() if s < steps[-1]]
+        if keep is not None and self.cfg.keep_latest_k > 0 and found.steps:
+            newest = found.steps[-1]
+            doomed = [step_dir(self.folder, s) for s in found.steps[: -self.cfg.keep_latest_k] if s != keep]
+            # Interrupted saves and dangling `step-N` links older than the newest complete checkpoint
+            # can never be completed or loaded; the save in flight (if any) is newer.
+            doomed += [p for left in (found.partial, found.broken) for s, p in left.items() if s < newest]
         try:
             for path in doomed:
                 set_aside(path)
         except OSError as e:  # housekeeping: worth a warning, not the run
             log.warning("could not purge old checkpoints in %s: %s", self.folder, e)
-        purging = list(self.folder.glob(f"*{PURGING_SUFFIX}"))
+        purging = scan(self.folder).purging
         if doomed:
             log.info("purging %s", ", ".join(p.name for p in doomed))
         if purging:
-            self._purger = threading.Thread(
-                target=lambda: [shutil.rmtree(p, ignore_errors=True) for p in purging], daemon=True
-            )
+            self._purger = threading.Thread(target=lambda: [remove(p) for p in purging], daemon=True)
             self._purger.start()
 
     def close(self) -> None:
@@ -426,6 +436,7 @@ class Checkpointer:
 
         Raises CheckpointLoadError on every rank if any rank failed: no rank trains on a half load.
         """
+        self._raise_on_every_rank(self._claim() if self.rank == 0 else None)
         step = self._select()
         error, result = None, None
         try:
@@ -444,15 +455,34 @@ class Checkpointer:
                     f"cannot load checkpoint.initial_load_path={self.cfg.initial_load_path}:\n{what}"
                 )
             )
+        self._raise_on_every_rank(error)
+        return result
+
+    def _raise_on_every_rank(self, error: CheckpointLoadError | None) -> None:
+        """Raise what any rank's load failed with (each distinct message once), on every rank."""
         everyone: list[str | None] = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, None if error is None else str(error), group=self._control)
         failed = list(dict.fromkeys(m for m in everyone if m))
         if failed:
             raise CheckpointLoadError("\n".join(failed)) from error
-        return result
+
+    def _claim(self) -> CheckpointLoadError | None:
+        """Rank 0, before loading: refuse a folder that is another run's (`format.owner_problem`); when
+        this run saves, mark the folder as its own and delete what a crash mid-purge left there."""
+        try:
+            if not self.cfg.enable:
+                problem = owner_problem(self.folder, self.run_dir)
+                return CheckpointLoadError(problem) if problem else None
+            self._marked_saved = claim(self.folder, self.run_dir, saved=bool(scan(self.folder).steps))
+        except ValueError as e:
+            return CheckpointLoadError(str(e))
+        except OSError as e:
+            return CheckpointLoadError(f"cannot mark checkpoint.folder {self.folder} as this run's: {e}")
+        self._start_purge(keep=None)
+        return None
 
     def _load_error(self, step: int, what: str) -> CheckpointLoadError:
-        older = [s for s in scan(self.folder)[0] if s < step]
+        older = [s for s in scan(self.folder).steps if s < step]
         hint = (
             f"checkpoint.load_step=<N> (older complete steps: {older})"
             if older
@@ -460,7 +490,7 @@ class Checkpointer:
         )
         return CheckpointLoadError(
             f"cannot load checkpoint {step_dir(self.folder, step)}:\n{what}\nIf it is damaged or from another model, pick another "
-            f"one with {hint}, or start afresh in a new run.name (or with run.resume=never)."
+            f"one with {hint}, or start afresh with another run.name."
         )
 
     def _load(self, path: Path, step: int) -> dict | None:
