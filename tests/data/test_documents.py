@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from titan.assets import asset_path, build_assets
 from titan.config.schema import DataConfig
 from titan.data.documents import LocalDocuments
 from titan.data.files import resolve_files
+from titan.data.formats import BadRecord
 from titan.data.packing import PackedStream
 from titan.data.records import LocalFiles, line_offsets
 from titan.data.stream_state import StreamState
@@ -61,6 +63,7 @@ def test_packing_exact_windows(tmp_path):
         "position": 1,
         "tokens": [],
         "skipped": 0,
+        "bad_records": 0,
     }
     assert stream.next_window() == [B, c, d, e]
     assert stream.state().to_dict() == {
@@ -69,6 +72,7 @@ def test_packing_exact_windows(tmp_path):
         "position": 2,
         "tokens": [E],
         "skipped": 0,
+        "bad_records": 0,
     }
     assert stream.next_window() == [E, B, f, E]
     assert stream.next_window() == [B, a, b, E]
@@ -211,13 +215,18 @@ def test_stream_with_only_empty_documents_is_an_error(tmp_path):
         ),
         ([b'{"text": "ok"}', b"{not json"], r"d\.jsonl, line 2: not JSON .*data\.source=jsonl"),
         ([b'{"text": 3}'], r"d\.jsonl, line 1: field 'text' holds int, not text; set data\.text_field"),
-        ([b'["text"]'], r"d\.jsonl, line 1: no field 'text' \(the record has list\)"),
+        ([b'["text"]'], r"d\.jsonl, line 1: no field 'text' \(the record has a JSON list, not an object\)"),
     ],
 )
 def test_bad_jsonl_records(tmp_path, lines, message):
+    """A bad record comes in its place, as the one-line BadRecord saying why (packing decides)."""
     (tmp_path / "d.jsonl").write_bytes(b"\n".join(lines) + b"\n")
-    with pytest.raises(ValueError, match=message):
-        documents(local(tmp_path / "d.jsonl"), 0, 1)
+    items = documents(local(tmp_path / "d.jsonl"), 0, 1)
+    assert len(items) == len(lines) and all(item == "ok" for item in items[:-1])
+    assert isinstance(items[-1], BadRecord) and re.match(message, str(items[-1]).split("/")[-1])
+    assert "\n" not in str(items[-1]) and str(items[-1]).endswith(
+        "data.on_bad_record=skip to skip and count such records"
+    )
 
 
 def test_bad_parquet(tmp_path):
@@ -227,8 +236,9 @@ def test_bad_parquet(tmp_path):
     ):
         documents(local(tmp_path / "a.parquet", source="parquet"), 0, 1)
     pq.write_table(pa.table({"text": ["x", None]}), tmp_path / "b.parquet")
-    with pytest.raises(ValueError, match=r"b\.parquet, row 2: column 'text' is null"):
-        documents(local(tmp_path / "b.parquet", source="parquet"), 0, 1)
+    first, second = documents(local(tmp_path / "b.parquet", source="parquet"), 0, 1)
+    assert first == "x" and isinstance(second, BadRecord)
+    assert re.search(r"b\.parquet, row 2: column 'text' is null", str(second))
     (tmp_path / "c.parquet").write_text("not parquet")
     with pytest.raises(ValueError, match=r"c\.parquet: not a parquet file"):
         documents(local(tmp_path / "c.parquet", source="parquet"), 0, 1)

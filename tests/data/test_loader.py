@@ -261,19 +261,6 @@ def test_check_data_passes_and_names_bad_keys(tmp_path):
         check_data(DataConfig(tokenizer=TOKENIZER))
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_bad_record_deep_in_a_file_surfaces(tmp_path, workers):
-    texts = shard_texts(40)
-    path = write_jsonl(tmp_path / "d.jsonl", texts)
-    lines = path.read_bytes().split(b"\n")
-    lines[29] = b'{"txet": "typo"}'
-    path.write_bytes(b"\n".join(lines))
-    train_loader = loader(replace(jsonl(path), num_workers=workers), batch=2, seq_len=255)
-    with pytest.raises(ValueError, match=r"d\.jsonl, line 30: no field 'text'.*set data\.text_field"):
-        take(train_loader, 1000)
-    train_loader.close()
-
-
 def test_a_sequence_slot_with_only_empty_documents_is_an_error(tmp_path):
     data = jsonl(write_jsonl(tmp_path / "d.jsonl", ["some text here", " ", "more text", "\n"]))
     with pytest.raises(ValueError, match=r"sequence slot 1 .*no non-empty document"):

@@ -1,20 +1,29 @@
-"""Tokenizers: round trips, Meta's special-token ids, the Llama 3 split, format detection, errors."""
+"""Tokenizers: round trips, Meta's special-token ids, the Llama 3 split, format detection, errors,
+and the checks against the model's vocabulary (a cut file, a smaller or larger tokenizer)."""
 
 import base64
 import itertools
+import logging
 import random
 import shutil
 
 import pytest
 
+from tests.launch.compose import compose_config
 from titan.assets import asset_path
+from titan.config.errors import ConfigError
+from titan.data.checks import vocab_warning
 from titan.data.tokenizer import (
+    LLAMA3_BASE_TOKENS,
     LLAMA3_SPECIAL_TOKENS,
+    LLAMA3_VOCAB_SIZE,
     SentencePieceTokenizer,
     TiktokenTokenizer,
     build_tokenizer,
     split_long_runs,
 )
+from titan.launch.build import build_run_config
+from titan.launch.validate import validate_data
 
 TIKTOKEN = asset_path("tokenizers/titan_debug.tiktoken")
 SENTENCEPIECE = asset_path("tokenizers/titan_debug_sp.model")
@@ -185,3 +194,87 @@ def test_errors_name_the_file_and_key(tmp_path):
     broken_sp.write_bytes(SENTENCEPIECE.read_bytes()[:1000])
     with pytest.raises(ValueError, match=r"broken_sp\.model: not a sentencepiece model"):
         build_tokenizer(broken_sp)
+
+
+def llama3_like_tokens(n=LLAMA3_BASE_TOKENS):
+    """`n` distinct tokens ranked as in Meta's (and OpenAI's) files: the 256 bytes in GPT-2's order,
+    "!" first, then byte pairs and triples."""
+    singles = [bytes([b]) for b in [*range(33, 256), *range(33)]]
+    pairs = (bytes(p) for p in itertools.product(range(256), repeat=2))
+    triples = (bytes(t) for t in itertools.product(range(256), repeat=3))
+    return singles + list(itertools.islice(itertools.chain(pairs, triples), n - 256))
+
+
+@pytest.fixture(scope="module")
+def llama3_file(tmp_path_factory):
+    return write_ranks(tmp_path_factory.mktemp("llama3") / "tokenizer.model", llama3_like_tokens())
+
+
+def data_config(tokenizer, *model):
+    return build_run_config(compose_config([f"data.tokenizer={tokenizer}", *model]))
+
+
+def test_a_tokenizer_cut_at_a_line_boundary_is_refused(llama3_file, tmp_path):
+    lines = llama3_file.read_bytes().splitlines(keepends=True)
+    assert vocab_warning(build_tokenizer(llama3_file), str(llama3_file), LLAMA3_VOCAB_SIZE) is None
+    # the end cut off: still a valid BPE file, told by Meta's count for a Llama 3-sized model
+    cut = tmp_path / "cut.model"
+    cut.write_bytes(b"".join(lines[:127_000]))
+    with pytest.raises(ValueError) as e:
+        vocab_warning(build_tokenizer(cut), str(cut), LLAMA3_VOCAB_SIZE)
+    assert str(e.value) == (
+        f"data.tokenizer={cut} has 127000 ranks, Meta's Llama 3 tokenizer.model 128000 "
+        "(model.vocab_size=128256 is Llama 3's): the file is cut short; copy it again (for another "
+        "tokenizer on purpose, set model.vocab_size=127256)"
+    )
+    with pytest.raises(ConfigError) as e:  # as the launcher sees it, before any rank starts
+        validate_data(data_config(cut, "model=llama3_1b"))
+    assert "\n" not in str(e.value) and "the file is cut short" in str(e.value)
+    # the start or the middle cut out: a rank is missing
+    for name, kept, missing in [("head", lines[100:], 0), ("middle", lines[:1000] + lines[2000:], 1000)]:
+        (tmp_path / f"{name}.model").write_bytes(b"".join(kept))
+        with pytest.raises(ValueError, match=rf"{name}\.model: rank {missing} is missing: .*cut or damaged"):
+            build_tokenizer(tmp_path / f"{name}.model")
+
+
+def test_the_bundled_tokenizer_still_feeds_a_llama3_sized_model(caplog):
+    """A smoke test of a Llama 3 shape on the bundled data (sweeps/model_ladder.yaml): a warning only."""
+    with caplog.at_level(logging.WARNING, logger="titan"):
+        validate_data(data_config(TIKTOKEN, "model=llama3_1b"))
+    assert "has 2304 tokens but model.vocab_size=128256: ids 2304..128255 never occur" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("tokenizer", "vocab", "model_vocab"), [(TIKTOKEN, 2304, 4096), (SENTENCEPIECE, 2048, 2304)]
+)
+def test_a_tokenizer_smaller_than_the_model_is_a_warning_naming_both(caplog, tokenizer, vocab, model_vocab):
+    with caplog.at_level(logging.WARNING, logger="titan"):
+        validate_data(data_config(tokenizer, f"model.vocab_size={model_vocab}"))
+    (record,) = caplog.records
+    assert record.getMessage() == (
+        f"warning: data.tokenizer={tokenizer} has {vocab} tokens but model.vocab_size={model_vocab}: ids "
+        f"{vocab}..{model_vocab - 1} never occur in the data, their embedding rows never train as inputs "
+        f"(set model.vocab_size={vocab} unless the padding is meant)"
+    )
+
+
+def test_a_tokenizer_the_size_of_the_model_passes_silently(caplog):
+    with caplog.at_level(logging.WARNING, logger="titan"):
+        validate_data(data_config(TIKTOKEN))
+    assert not caplog.records
+
+
+def test_a_tokenizer_larger_than_the_model_is_a_one_line_error():
+    with pytest.raises(ConfigError) as e:
+        validate_data(data_config(TIKTOKEN, "model.vocab_size=2000"))
+    assert str(e.value) == (
+        f"data.tokenizer={TIKTOKEN} has 2304 tokens but model.vocab_size=2000; use a model with "
+        "vocab_size >= 2304 or another tokenizer"
+    )
+
+
+def test_sentencepiece_takes_a_lone_surrogate_as_tiktoken_does():
+    """A JSON "\\ud800" escape decodes to a lone surrogate; both tokenizers read it as U+FFFD."""
+    for path in (TIKTOKEN, SENTENCEPIECE):
+        tok = build_tokenizer(path)
+        assert tok.encode("a\ud800b", bos=True, eos=True) == tok.encode("a\ufffdb", bos=True, eos=True)

@@ -16,6 +16,7 @@ from functools import lru_cache
 from typing import Any
 
 from titan.config.schema import DataConfig
+from titan.data.formats import BadRecord
 from titan.data.records import LocalFiles
 
 # The values of data.source: the Hub (streamed by `datasets`), or local files of one format.
@@ -26,8 +27,9 @@ class Documents(ABC):
     """One stream's documents for one epoch, resumable at a position (a plain, JSON-able value)."""
 
     @abstractmethod
-    def iterate(self, position: Any) -> Iterator[str]:
-        """The documents from `position` (None: the epoch's start) to the end of the epoch."""
+    def iterate(self, position: Any) -> Iterator[str | BadRecord]:
+        """The documents from `position` (None: the epoch's start) to the end of the epoch; a record
+        that holds no document comes as the BadRecord saying why, in its place."""
 
     @abstractmethod
     def position(self) -> Any:
@@ -57,7 +59,7 @@ class LocalDocuments(Documents):
             yield f, (self.stream - before) % self.num_streams, self.num_streams
             before += self.files.count(f)
 
-    def iterate(self, position: Any) -> Iterator[str]:
+    def iterate(self, position: Any) -> Iterator[str | BadRecord]:
         self._position = skip = position or 0
         for f, first, step in self._segments():
             records = range(first, self.files.count(f), step)
@@ -108,7 +110,7 @@ class HubDocuments(Documents):
             return base.shard(num_shards=self.num_streams, index=self.stream, contiguous=False)
         return split_dataset_by_node(base, rank=self.stream, world_size=self.num_streams)
 
-    def iterate(self, position: Any) -> Iterator[str]:
+    def iterate(self, position: Any) -> Iterator[str | BadRecord]:
         self._dataset = dataset = self._stream_dataset()
         if position is not None:
             dataset.load_state_dict(position)
@@ -123,9 +125,11 @@ class HubDocuments(Documents):
                 )
             text = batch[field_name][0]
             if not isinstance(text, str):
-                raise ValueError(
-                    f"data.path={self.data.path}: field {field_name!r} holds {type(text).__name__}, "
-                    "not text; set data.text_field"
+                text = BadRecord(
+                    f"data.path={self.data.path}",
+                    f"split {self.data.split}, an example of sequence slot {self.stream}",
+                    f"field {field_name!r} holds {type(text).__name__}, not text",
+                    "set data.text_field",
                 )
             yield text
 

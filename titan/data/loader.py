@@ -11,7 +11,9 @@ With `data.num_workers` > 0, worker w of a rank owns the w-th contiguous block o
 streams and yields, per step, its block's rows together with those streams' states after making
 them. torch's DataLoader hands out worker items round-robin, so W consecutive items make one step;
 the loader keeps the states of the items it has handed to the caller, never of items still
-prefetched. torchdata's StatefulDataLoader is not used: its state is per worker (each worker's
+prefetched. An error in a worker (a bad record, say) comes to the rank as the exception itself, in
+the order of the items, so the rank raises it at the same step and with the same one-line message as
+without workers. torchdata's StatefulDataLoader is not used: its state is per worker (each worker's
 dataset state plus which worker is next), so it can only be restored with the same number of
 workers and ranks; ours is per logical stream and can be dealt out again to any layout.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from titan.config.schema import DataConfig
-from titan.data.checks import check_source, checked_files, num_workers_problem
+from titan.data.checks import check_choices, checked_files, num_workers_problem
 from titan.data.documents import stream_documents
 from titan.data.packing import PackedStream
 from titan.data.records import LocalFiles
@@ -39,6 +42,14 @@ PREFETCH_STEPS = 2  # items each worker keeps ready
 
 def stream_key(stream: int) -> str:
     return f"stream-{stream:05d}"
+
+
+@dataclass
+class _WorkerError:
+    """A worker's item in place of a step it could not make. torch would re-raise the error in the
+    rank as a new exception whose message holds the worker's whole traceback."""
+
+    error: ValueError
 
 
 class _RankStreams(IterableDataset):
@@ -79,11 +90,18 @@ class _RankStreams(IterableDataset):
                 tokenizer,
                 self.window,
                 StreamState.from_dict(self.states[stream_key(j)]),
+                self.data.on_bad_record,
             )
             for j in block
         ]
         while True:
-            rows = [stream.next_window() for stream in packed]
+            try:
+                rows = [stream.next_window() for stream in packed]
+            except ValueError as e:
+                if info is None:
+                    raise
+                yield _WorkerError(e)
+                return
             states = {stream_key(j): stream.state().to_dict() for j, stream in zip(block, packed)}
             yield torch.from_numpy(np.array(rows, dtype=np.int64)), states
 
@@ -113,7 +131,7 @@ class TrainLoader:
         problem = num_workers_problem(data.num_workers, global_batch_size, dp_degree)
         if problem:
             raise ValueError(problem)
-        check_source(data)
+        check_choices(data)
         per_rank = global_batch_size // dp_degree
         self.data, self.seq_len, self.global_batch_size = data, seq_len, global_batch_size
         self.streams = list(range(dp_rank * per_rank, (dp_rank + 1) * per_rank))
@@ -197,6 +215,9 @@ class TrainLoader:
     def _batches(self, items: Iterator, parts: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
             step = [next(items) for _ in range(parts)]
+            for item in step:
+                if isinstance(item, _WorkerError):
+                    raise item.error
             windows = torch.cat([rows for rows, _ in step]) if parts > 1 else step[0][0]
             for _, states in step:
                 self._states.update(states)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from titan.config.schema import DataConfig
-from titan.data.formats import decode_line, json_text, open_parquet, parquet_column
+from titan.data.formats import BadRecord, decode_line, json_text, open_parquet, parquet_column, parquet_text
 
 
 def line_offsets(file: Path) -> np.ndarray:
@@ -47,7 +47,7 @@ class LocalFiles:
         self._row_group_starts: dict[int, list[int]] = {}
         self._offsets: OrderedDict[int, np.ndarray] = OrderedDict()  # file index -> line offsets
         self._open: OrderedDict[int, Any] = OrderedDict()  # file index -> fd or ParquetFile
-        self._row_groups: OrderedDict[tuple[int, int], list] = OrderedDict()
+        self._row_groups: OrderedDict[tuple[int, int], list | str] = OrderedDict()
 
     def __getstate__(self) -> dict:  # a worker started by `spawn` opens and indexes its own files
         caches = ("_offsets", "_open", "_row_groups")
@@ -77,20 +77,22 @@ class LocalFiles:
                 self._offsets.popitem(last=False)
         return self._offsets[f]
 
-    def text(self, f: int, record: int) -> str:
-        """The text of one record ("" for an empty document); ValueError naming file and line if bad."""
+    def text(self, f: int, record: int) -> str | BadRecord:
+        """The text of one record ("" for an empty document), or why it holds none."""
         if self.source == "parquet":
             return self._parquet_text(f, record)
         start, end = self._lines(f)[record : record + 2].tolist()
         raw = os.pread(self._handle(f), end - start, start).rstrip(b"\r\n")
         line = decode_line(raw, self.files[f], record)
+        if isinstance(line, BadRecord):
+            return line
         if record == 0:
             line = line.removeprefix("\ufeff")  # a UTF-8 byte-order mark is not text
         if self.source == "text":
             return line
         return json_text(line, self.files[f], record, self.text_field)
 
-    def _parquet_text(self, f: int, record: int) -> str:
+    def _parquet_text(self, f: int, record: int) -> str | BadRecord:
         self.count(f)
         group = bisect.bisect_right(self._row_group_starts[f], record) - 1
         key = (f, group)
@@ -100,13 +102,8 @@ class LocalFiles:
             self._row_groups[key] = parquet_column(self._handle(f), self.files[f], self.text_field, group)
             if len(self._row_groups) > self.cache_size:
                 self._row_groups.popitem(last=False)
-        text = self._row_groups[key][record - self._row_group_starts[f][group]]
-        if not isinstance(text, str):
-            raise ValueError(
-                f"{self.files[f]}, row {record + 1}: column {self.text_field!r} is null; "
-                "every record needs text in data.text_field"
-            )
-        return text
+        index = record - self._row_group_starts[f][group]
+        return parquet_text(self._row_groups[key], index, self.files[f], record, self.text_field)
 
     def _handle(self, f: int) -> Any:
         if f in self._open:

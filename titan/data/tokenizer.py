@@ -41,6 +41,11 @@ LLAMA3_SPECIAL_TOKENS = _NAMED_SPECIAL_TOKENS + [
     f"<|reserved_special_token_{3 + i}|>"
     for i in range(NUM_RESERVED_SPECIAL_TOKENS - len(_NAMED_SPECIAL_TOKENS))
 ]
+# Meta's Llama 3 `tokenizer.model`: 128000 ranks, and models of 128000 + 256 = 128256 embedding rows.
+LLAMA3_BASE_TOKENS = 128_000
+LLAMA3_VOCAB_SIZE = LLAMA3_BASE_TOKENS + NUM_RESERVED_SPECIAL_TOKENS
+# Rank 0 of Meta's file, as of OpenAI's (all rank the single bytes in GPT-2's order, "!" first).
+LLAMA3_FIRST_TOKEN = b"!"
 # Meta's limits: tiktoken's BPE is slow (quadratic) on very long runs without a split point.
 TIKTOKEN_MAX_ENCODE_CHARS = 400_000
 MAX_NO_WHITESPACES_CHARS = 25_000
@@ -92,8 +97,15 @@ def load_tiktoken_ranks(path: str | Path) -> dict[bytes, int]:
         if token in ranks:
             raise _bad_file(path, f"line {number} repeats a token already ranked {ranks[token]}")
         ranks[token] = rank
+    # Lines lost from the start or the middle (a damaged copy) leave a gap. Lines lost from the end
+    # cannot be told here: every prefix of a BPE file is one (checks.py knows Meta's count).
     if sorted(ranks.values()) != list(range(len(ranks))):
-        raise _bad_file(path, "the ranks are not 0..n-1 without gaps, as a tiktoken BPE file's are")
+        missing = min(set(range(len(ranks))) - set(ranks.values()))
+        raise _bad_file(
+            path,
+            f"rank {missing} is missing: a tiktoken BPE file ranks its n tokens 0..n-1 (is the file cut "
+            "or damaged?)",
+        )
     missing = [b for b in range(256) if bytes([b]) not in ranks]
     if missing:
         raise _bad_file(path, f"not a byte-level BPE: {len(missing)} of the 256 single bytes have no rank")
@@ -130,6 +142,7 @@ class TiktokenTokenizer(Tokenizer):
 
         ranks = load_tiktoken_ranks(path)
         self.num_base_tokens = len(ranks)
+        self.first_token = min(ranks, key=ranks.__getitem__)
         self.special_tokens = {
             token: self.num_base_tokens + i for i, token in enumerate(LLAMA3_SPECIAL_TOKENS)
         }
@@ -197,7 +210,13 @@ class SentencePieceTokenizer(Tokenizer):
         return self.model.eos_id()
 
     def encode(self, text: str, *, bos: bool, eos: bool) -> list[int]:
-        return self.model.encode(text, add_bos=bos, add_eos=eos)
+        try:
+            return self.model.encode(text, add_bos=bos, add_eos=eos)
+        except RuntimeError:
+            # sentencepiece cannot take a lone surrogate (a JSON "\ud800" escape, not Unicode): it
+            # becomes U+FFFD, as tiktoken makes it.
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+            return self.model.encode(text, add_bos=bos, add_eos=eos)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.model.decode(list(ids))
