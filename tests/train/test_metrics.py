@@ -30,7 +30,7 @@ def make_logger(run_dir, cfg=None, *, start_step=0, enabled=True, device=CPU, to
 
 
 def log_step(m, step, loss=None, **kw):
-    args = dict(loss=loss if loss is not None else 10.0 / step, grad_norm=1.5, lr=3e-4)
+    args = dict(loss=loss if loss is not None else 10.0 / step, grad_norm=1.5, lr=3e-4, skipped_steps=0)
     args.update(tokens=4096, seconds=2.0, data_seconds=0.1)
     args.update(kw)
     return m.log(step, **args)
@@ -167,7 +167,16 @@ def test_jsonl_schema(tmp_path):
     m.close()
     records = read_jsonl(tmp_path)
     assert [r["step"] for r in records] == [1, 10, 20]
-    keys = {"step", "loss", "grad_norm", "lr", "tokens_per_second", "global_tokens_per_second", "tflops"}
+    keys = {
+        "step",
+        "loss",
+        "grad_norm",
+        "lr",
+        "skipped_steps",
+        "tokens_per_second",
+        "global_tokens_per_second",
+    }
+    keys |= {"tflops"}
     keys |= {"memory_rss_gib", "data_share", "elapsed_s", "tokens_seen"}
     assert set(records[0]) == keys
     assert records[1]["loss"] == 1.0 and records[1]["lr"] == 3e-4 and records[1]["tokens_seen"] == 40960
@@ -276,12 +285,13 @@ def test_disabled_logger_writes_nothing(tmp_path):
 def test_line_has_the_key_numbers():
     rec = {"step": 20, "loss": 6.81234, "grad_norm": 1.2341, "lr": 3e-4, "tokens_per_second": 12345.4}
     rec |= {"tflops": 1.23, "mfu": 34.51, "memory_peak_active_gib": 1.23, "memory_peak_reserved_gib": 2.5}
-    rec |= {"data_share": 0.021}
+    rec |= {"data_share": 0.021, "skipped_steps": 0}
     line = format_line(rec, total_steps=100)
     assert line == (
         "step  20/100  loss 6.8123  grad_norm 1.234  lr 3.0e-04  tok/s 12,345  tflops 1.2  mfu 34.5%"
         "  mem 1.2/2.5GiB  data 2%"
     )
+    assert format_line(rec | {"skipped_steps": 2}, total_steps=100) == line + "  skipped 2"
 
 
 def test_lines_mode_logs_plain_text(tmp_path, monkeypatch, titan_log):

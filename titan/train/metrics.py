@@ -121,6 +121,8 @@ def format_line(record: dict[str, Any], total_steps: int) -> str:
     memory = [v for k, v in record.items() if k.startswith("memory_")]
     parts.append("mem " + "/".join(f"{v:.1f}" for v in memory) + "GiB")  # CUDA: active/reserved
     parts.append(f"data {100 * record['data_share']:.0f}%")
+    if record["skipped_steps"]:
+        parts.append(f"skipped {record['skipped_steps']}")
     return "  ".join(parts)
 
 
@@ -270,12 +272,14 @@ class MetricsLogger:
         loss: float,
         grad_norm: float,
         lr: float,
+        skipped_steps: int,
         tokens: int,
         seconds: float,
         data_seconds: float,
         extra: dict | None = None,
     ) -> dict:
-        """tokens: per device since the last log; seconds: wall time since then, data_seconds of it waiting for data."""
+        """tokens: per device since the last log; seconds: wall time since then, data_seconds of it waiting for data.
+        skipped_steps: steps skipped for non-finite gradients since the launch."""
         if seconds <= 0:
             raise ValueError(f"seconds={seconds}: pass the wall time since the previous log call (> 0)")
         tokens_per_second = tokens / seconds
@@ -285,6 +289,7 @@ class MetricsLogger:
             "loss": float(loss),
             "grad_norm": float(grad_norm),
             "lr": float(lr),
+            "skipped_steps": int(skipped_steps),
             "tokens_per_second": tokens_per_second,
             "global_tokens_per_second": tokens_per_second * self.num_devices,
             "tflops": tflops,

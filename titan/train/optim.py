@@ -1,5 +1,6 @@
 """Optimizer with decay/no-decay parameter groups, and the learning-rate schedules."""
 
+import logging
 import math
 from collections.abc import Callable
 
@@ -10,6 +11,8 @@ from titan.config.schema import OptimizerConfig
 
 SCHEDULES = ("constant", "cosine", "linear", "wsd")
 OPTIMIZERS = ("adamw", "sgd")
+
+log = logging.getLogger("titan")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -41,9 +44,15 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch.device
     raise ValueError(f"optimizer.name={cfg.name!r} is not one of {OPTIMIZERS}")
 
 
+def effective_warmup(warmup_steps: int, total_steps: int) -> int:
+    """optimizer.warmup_steps, cut to leave at least one step at the full schedule: the default of 10
+    must fit a smoke run of 5 steps too (validation warns when it cuts)."""
+    return max(0, min(warmup_steps, total_steps - 1))
+
+
 def lr_factor(cfg: OptimizerConfig, total_steps: int) -> Callable[[int], float]:
     """The multiplier of `lr` after `step` optimizer steps (LambdaLR's convention: step 0 is the first)."""
-    warmup = cfg.warmup_steps
+    warmup = effective_warmup(cfg.warmup_steps, total_steps)
     floor = cfg.min_lr_factor
 
     def factor(step: int) -> float:
@@ -52,6 +61,8 @@ def lr_factor(cfg: OptimizerConfig, total_steps: int) -> Callable[[int], float]:
         if cfg.schedule == "constant":
             return 1.0
         if cfg.schedule == "wsd":
+            # decay_ratio is a share of the steps after warmup (torchtitan takes it of all steps): so
+            # the decay never reaches into the warmup, whatever the ratio.
             decay_steps = max(1, round(cfg.decay_ratio * (total_steps - warmup)))
             decay_start = total_steps - decay_steps
             if step < decay_start:
@@ -68,6 +79,17 @@ def lr_factor(cfg: OptimizerConfig, total_steps: int) -> Callable[[int], float]:
     return factor
 
 
+def _zero_skipped_momentum(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """Fused SGD allocates its momentum buffers uninitialized on the first step and fills them in the
+    kernel; a skipped first step leaves them as garbage that the next step would take for momentum.
+    Zero buffers instead: the next step then starts the momentum from its own gradient, as a first
+    step does. A step that was not skipped keeps its buffers (where() selects them bit for bit)."""
+    for state in optimizer.state.values():
+        if "momentum_buffer" in state:
+            buffer = state["momentum_buffer"]
+            buffer.copy_(torch.where(skip, torch.zeros_like(buffer), buffer))
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: OptimizerConfig, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
@@ -82,10 +104,38 @@ class Optimizers:
 
     def __init__(self, parts: list[nn.Module], cfg: OptimizerConfig, device: torch.device) -> None:
         self.optimizers = [build_optimizer(part, cfg, device) for part in parts]
+        self.fused = _implementation_flags(cfg, device)["fused"]
+        if device.type != "cpu" and not self.fused:
+            log.warning(
+                "optimizer.implementation=%s on %s: skipping a step with non-finite gradients reads a flag "
+                "from the device every step; `fused` (what `auto` picks there) decides on the device",
+                cfg.implementation,
+                device.type,
+            )
 
-    def step(self) -> None:
+    def step(self, skip: torch.Tensor) -> None:
+        """Step every optimizer, or none where `skip` (a 0-dim bool tensor, alike on every rank) is set.
+
+        Weights, moments and the optimizer's step count stay as they were on a skipped step. The fused
+        kernels take the flag as `found_inf`, as torch.amp.GradScaler hands it to them, and skip on the
+        device. foreach and for_loop take no such flag, so it is read on the host: free on CPU (where
+        `auto` picks foreach), a device sync per step elsewhere (where `auto` picks fused).
+        """
+        if not self.fused:
+            if not skip.item():
+                for optimizer in self.optimizers:
+                    optimizer.step()
+            return
+        found_inf = skip.float()
         for optimizer in self.optimizers:
-            optimizer.step()
+            first_step = not optimizer.state
+            optimizer.found_inf = found_inf
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.found_inf
+            if first_step:
+                _zero_skipped_momentum(optimizer, skip)
 
     def zero_grad(self) -> None:
         for optimizer in self.optimizers:

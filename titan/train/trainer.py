@@ -4,10 +4,10 @@ import contextlib
 import gc
 import hashlib
 import logging
-import math
 import os
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from titan.checkpoint.format import complete_steps
+from titan.checkpoint.format import complete_steps, step_dir
 from titan.checkpoint.manager import Checkpointer
 from titan.config.schema import RunConfig
 from titan.data.loader import TrainLoader
@@ -43,8 +43,20 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteStepsError(RuntimeError):
+    """More steps than training.max_nonfinite_steps had non-finite gradients; the message is one line."""
+
+
+class GuardedCheckpointer(Checkpointer):
+    """A Checkpointer that calls `before_save` first on every save; it raises to stop the run instead."""
+
+    def __init__(self, *args, before_save: Callable[[], None], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.before_save = before_save
+
+    def save(self, step: int, train_state: dict, *, final: bool = False) -> Path | None:
+        self.before_save()
+        return super().save(step, train_state, final=final)
 
 
 def init_distributed(device: torch.device) -> None:
@@ -134,6 +146,10 @@ class Trainer:
         )
 
         self.optimizers = Optimizers(self.model_parts, cfg.optimizer, self.device)
+        # Steps skipped for non-finite gradients since the launch: counted on the device, read on the
+        # host only at log and save steps.
+        self.skipped = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.skipped_seen = 0
         self.scheduler = LRSchedulers(self.optimizers, cfg.optimizer, cfg.training.steps)
         self.loader = TrainLoader(
             cfg.data,
@@ -142,7 +158,7 @@ class Trainer:
             dp_rank=self.dp_rank,
             dp_degree=self.dp_degree,
         )
-        self.checkpointer = Checkpointer(
+        self.checkpointer = GuardedCheckpointer(
             cfg.checkpoint,
             self.run_dir,
             model_parts=self.model_parts,
@@ -150,8 +166,11 @@ class Trainer:
             scheduler=self.scheduler,
             loader=self.loader,
             saves_loader_state=self._saves_loader_state(),
+            before_save=lambda: self._stop_past_limit(self._read_skipped()),
         )
-        self.preemption = PreemptionWatcher()  # before the (possibly long) load: a stop then still saves
+        # Before the (possibly long) load: a stop then still saves. A plain `python` process is the whole
+        # run and answers a second Ctrl-C itself; a launcher's rank leaves it to the launcher.
+        self.preemption = PreemptionWatcher(second_interrupt_stops_at_once="RANK" not in os.environ)
         state = self.checkpointer.load() or {}
         self.step, self.tokens_seen = state.get("step", 0), state.get("tokens_seen", 0)
 
@@ -206,20 +225,22 @@ class Trainer:
                 loss_sum += _local(micro_loss.detach())
 
         grad_norm = self._clip_grad_norm()
-        self.optimizers.step()
+        skip = grad_norm.isfinite().logical_not()  # alike on every rank: the norm is global
+        self.optimizers.step(skip)
+        self.skipped += skip
         self.optimizers.zero_grad()
-        self.scheduler.step()
+        self.scheduler.step()  # a skipped step still counts: the schedule and the data go on
 
         dist.all_reduce(loss_sum, group=self.meshes["loss"].get_group())  # each summed its own tokens
-        return loss_sum.item() / global_tokens, grad_norm
+        return loss_sum.item() / global_tokens, grad_norm.item()
 
-    def _clip_grad_norm(self) -> float:
+    def _clip_grad_norm(self) -> torch.Tensor:
         """The true global norm over FSDP, TP and PP shards; clips in place when training.max_norm > 0."""
         norm = grad_norm(self.model_parts, self.meshes["pp"])
         if self.cfg.training.max_norm > 0:
-            grads = [p.grad for part in self.model_parts for p in part.parameters() if p.grad is not None]
-            torch.nn.utils.clip_grads_with_norm_(grads, self.cfg.training.max_norm, norm, foreach=True)
-        return norm.item()
+            params = [p for part in self.model_parts for p in part.parameters()]  # it reads their .grad
+            torch.nn.utils.clip_grads_with_norm_(params, self.cfg.training.max_norm, norm, foreach=True)
+        return norm
 
     def train(self) -> dict:
         cfg = self.cfg
@@ -254,32 +275,40 @@ class Trainer:
                 loss, grad_norm = self.train_step(inputs, labels)
                 self.tokens_seen += cfg.training.global_batch_size * cfg.training.seq_len
                 interval_tokens += tokens_per_step_per_rank
-                if not math.isfinite(loss):
-                    self._stop_on_nonfinite(loss)
 
                 self.metrics.advance(self.step)
                 if self.metrics.should_log(self.step):
                     now = time.perf_counter()
+                    skipped = self._read_skipped()
                     result = self.metrics.log(
                         self.step,
                         loss=loss,
                         grad_norm=grad_norm,
                         lr=lr,
+                        skipped_steps=skipped,
                         tokens=interval_tokens,
                         seconds=now - interval_start,
                         data_seconds=data_seconds,
                     )
                     interval_start, data_seconds, interval_tokens = now, 0.0, 0
+                    self._stop_past_limit(skipped)
 
                 train_state = {"step": self.step, "tokens_seen": self.tokens_seen}
-                if self.preemption.stop_requested():  # every rank agrees at the same step boundary
+                last = self.step == cfg.training.steps
+                # Every rank agrees at the same step boundary; at the last one the run simply finishes.
+                if not last and self.preemption.stop_requested():
                     log.warning(
                         "stopping at step %d on %s: saving a checkpoint", self.step, self.preemption.reason
                     )
-                    self.checkpointer.save(self.step, train_state)
-                    result = {**result, "preempted": self.preemption.reason}
+                    saved = self.checkpointer.save(self.step, train_state)
+                    result = {
+                        **result,
+                        "step": self.step,  # the metrics' step is the last logged one
+                        "preempted": self.preemption.reason,
+                        "checkpoint": str(saved) if saved else None,
+                    }
                     break
-                self.checkpointer.maybe_save(self.step, train_state, last=self.step == cfg.training.steps)
+                self.checkpointer.maybe_save(self.step, train_state, last=last)
         finally:
             gc.enable()
             self.checkpointer.close()
@@ -288,12 +317,36 @@ class Trainer:
             self.loader.close()
         return result
 
-    def _stop_on_nonfinite(self, loss: float) -> None:
+    def _read_skipped(self) -> int:
+        """The device's count of skipped steps on the host: a sync, so only at log and save steps."""
+        skipped = int(self.skipped.item())
+        if skipped > self.skipped_seen:
+            log.warning(
+                "step %d: %d steps skipped so far for non-finite gradients (training.max_nonfinite_steps=%d)",
+                self.step,
+                skipped,
+                self.cfg.training.max_nonfinite_steps,
+            )
+            self.skipped_seen = skipped
+        return skipped
+
+    def _stop_past_limit(self, skipped: int) -> None:
+        """Past the limit the run stops, and saves nothing more: the newest checkpoint is finite, since
+        skipped steps leave the weights as they were and every save checks the limit first."""
+        limit = self.cfg.training.max_nonfinite_steps
+        if skipped <= limit:
+            return
+        self.checkpointer.wait()  # a save in flight was started within the limit: let it commit
         steps = complete_steps(self.checkpointer.folder)
-        last = f"the newest complete checkpoint is step {steps[-1]}" if steps else "there is no checkpoint"
-        raise NonFiniteLossError(
-            f"loss is {loss} at step {self.step}; {last}. Lower optimizer.lr, raise optimizer.warmup_steps "
-            f"or set training.max_norm, then resume (or pick an earlier checkpoint)."
+        newest = (
+            f"the newest checkpoint, {step_dir(self.checkpointer.folder, steps[-1])}, is finite"
+            if steps
+            else "there is no checkpoint"
+        )
+        raise NonFiniteStepsError(
+            f"stopped at step {self.step}: {skipped} steps had non-finite gradients and were skipped, more than "
+            f"training.max_nonfinite_steps={limit}; {newest}. Lower optimizer.lr, raise "
+            "optimizer.warmup_steps or lower training.max_norm, or allow more with training.max_nonfinite_steps."
         )
 
     def close(self) -> None:
@@ -301,10 +354,17 @@ class Trainer:
             dist.destroy_process_group()
 
 
-def run(cfg: RunConfig) -> dict:
-    """Entry point of one rank."""
-    trainer = Trainer(cfg)
+def run(cfg: RunConfig, on_error: Callable[[Exception], None] | None = None) -> dict:
+    """Entry point of one rank. `on_error` hears of this rank's error before the process group closes:
+    a rank's own error is then told before the errors that its leaving causes in the others."""
+    trainer = None
     try:
+        trainer = Trainer(cfg)
         return trainer.train()
+    except Exception as e:
+        if on_error is not None:
+            on_error(e)
+        raise
     finally:
-        trainer.close()
+        if trainer is not None:
+            trainer.close()
