@@ -118,3 +118,14 @@ def test_end_records_done_and_failed_without_requeueing(tmp_path, monkeypatch):
     events(tmp_path / "c", SUBMITTED, STARTED, ("requeued", {"signal": "SIGUSR2"}))
     assert attempt.end(tmp_path / "c", status=255, max_retries=0) == 0
     assert jobstate.read(tmp_path / "c")[-1]["event"] == "requeued"
+
+
+def test_a_run_that_ended_early_is_recorded_once_by_what_ended_it(tmp_path):
+    """A stop or a rank's error is recorded where it is known (the launcher, the rank); the local
+    run's tracking adds no `crashed` of its own."""
+    with pytest.raises(jobstate.RunEnded), jobstate.tracked(tmp_path):
+        jobstate.record_result(tmp_path, {"step": 7, "preempted": "SIGINT", "checkpoint": "c/step-7"})
+        raise jobstate.RunEnded("stopped at step 7 on SIGINT", 130)
+    assert [e["event"] for e in jobstate.read(tmp_path)] == ["started", "stopped"]
+    s = jobstate.run_state(tmp_path)
+    assert (s.state, s.reason) == ("cancelled", "SIGINT")

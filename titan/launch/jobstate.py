@@ -2,7 +2,8 @@
 
 Several processes write here, each at its own moment: the submitting process (`submitted`), the batch
 script before and after srun (`started`, `retry`, `failed`, `done`), the ranks (`crashed`, and from
-rank 0 `finished`, `stopped`, `requeued`), launch.py's local path (`started`, `finished`, `crashed`).
+rank 0 `finished`, `stopped`, `requeued`), launch.py's local path (`started`, `finished`, `stopped`,
+`crashed`).
 One JSON object per line, appended with a single write, so concurrent writers do not tear lines.
 
 The state (pending, running, requeued, done, failed, cancelled) joins these events with what Slurm
@@ -45,9 +46,24 @@ def record(run_dir: Path, event: str, **fields) -> dict:
 def record_result(run_dir: Path, result: dict) -> None:
     """Rank 0's end of training: `stopped` by a signal (TERM: a cancel) or `finished`."""
     if result.get("preempted"):
-        record(run_dir, "stopped", step=result.get("step"), signal=result["preempted"])
+        record(
+            run_dir,
+            "stopped",
+            step=result.get("step"),
+            signal=result["preempted"],
+            checkpoint=result.get("checkpoint"),
+        )
     else:
         record(run_dir, "finished", step=result.get("step"), loss=result.get("loss"))
+
+
+class RunEnded(Exception):
+    """A run on this machine ended before its last step (a stop, a rank's error), its event recorded:
+    launch.py prints the message, one line, and exits with `status`."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @contextlib.contextmanager
@@ -63,6 +79,8 @@ def tracked(run_dir: Path, enabled: bool = True) -> Iterator[Callable[[dict], di
         record(run_dir, "started", pid=os.getpid())
     try:
         yield finish
+    except RunEnded:
+        raise
     except Exception as e:
         if enabled:
             record(run_dir, "crashed", reason=f"{type(e).__name__}: {e}")
