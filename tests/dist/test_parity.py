@@ -35,37 +35,45 @@ def reference(tmp_path_factory):
 MAX_RANKS = 4  # what the 2-core test machines run in reasonable time
 
 
-def option_layouts() -> list[tuple[str, dict, int]]:
-    """Every option of conf/parallelism at the smallest world size that exercises it on <= 4 ranks.
+def option_layout(stem: str, max_ranks: int) -> tuple[dict, int]:
+    """Option conf/parallelism/<stem>.yaml at the smallest world size that exercises it on <= max_ranks
+    ranks, and that world size.
 
-    dp_shard=-1 becomes 2 where the other degrees leave room (so FSDP really shards); options that
-    name more than 4 ranks of model parallelism have their largest degree halved until they fit.
+    dp_shard=-1 becomes 2 where the other degrees leave room (so FSDP really shards); an option that
+    names more than max_ranks ranks of model parallelism has its largest degree halved until it fits.
     """
-    layouts = []
-    for path in sorted((REPO / "conf" / "parallelism").glob("*.yaml")):
-        node = OmegaConf.to_container(compose_config([f"parallelism={path.stem}"]).parallelism)
-        if path.stem == "single":
-            continue  # the reference itself
-        while math.prod(max(1, node[d]) for d in DEGREES) > MAX_RANKS:
-            largest = max(("tp", "cp", "pp"), key=lambda d: node[d])
-            node[largest] //= 2
-        fixed = math.prod(max(1, node[d]) for d in DEGREES)
-        for free in ("dp_shard", "dp_replicate"):
-            if node[free] == -1:
-                node[free] = 2 if fixed * 2 <= MAX_RANKS else 1
-        layouts.append((path.stem, node, math.prod(node[d] for d in DEGREES)))
-    return layouts
+    node = OmegaConf.to_container(compose_config([f"parallelism={stem}"]).parallelism)
+    while math.prod(max(1, node[d]) for d in DEGREES) > max_ranks:
+        largest = max(("tp", "cp", "pp"), key=lambda d: node[d])
+        node[largest] //= 2
+    fixed = math.prod(max(1, node[d]) for d in DEGREES)
+    for free in ("dp_shard", "dp_replicate"):
+        if node[free] == -1:
+            node[free] = 2 if fixed * 2 <= max_ranks else 1
+    return node, math.prod(node[d] for d in DEGREES)
 
 
-# Variants beyond the options: accumulation, replicated logits, other pipeline schedules.
+def option_layouts() -> list[tuple[str, dict, int]]:
+    """Every option but the reference itself, on <= MAX_RANKS ranks."""
+    stems = sorted(path.stem for path in (REPO / "conf" / "parallelism").glob("*.yaml"))
+    return [(stem, *option_layout(stem, MAX_RANKS)) for stem in stems if stem != "single"]
+
+
+# The options cut down above, at their own degrees on 8 ranks: 4d as pp2 x cp2 x tp2, fsdp_tp_pp as
+# dp_shard2 x tp2 x pp2. About 25 s each on 2 idle cores, most of it 8 ranks importing torch.
+EIGHT_RANKS = [(f"{stem}-8-ranks", *option_layout(stem, 8), 2) for stem in ("4d", "fsdp_tp_pp")]
+
+
+# Variants beyond the options: accumulation, replicated logits, other pipeline schedules, TP x CP.
 VARIANTS = [
     ("fsdp-no-accumulation", {"dp_shard": 2}, 2, 4),
     ("tp2-replicated-logits", {"dp_shard": 1, "tp": 2, "loss_parallel": False}, 2, 2),
     ("pp2-interleaved1f1b", {"dp_shard": 1, "pp": 2, "pp_schedule": "Interleaved1F1B"}, 2, 2),
     ("pp2-zbv", {"dp_shard": 1, "pp": 2, "pp_schedule": "ZBVZeroBubble"}, 2, 2),
     ("pp2-gpipe-tp2", {"dp_shard": 1, "pp": 2, "tp": 2, "pp_schedule": "GPipe"}, 4, 2),
+    ("tp2-cp2", {"dp_shard": 1, "tp": 2, "cp": 2}, 4, 2),
 ]
-CASES = [(name, layout, nproc, 2) for name, layout, nproc in option_layouts()] + VARIANTS
+CASES = [(name, layout, nproc, 2) for name, layout, nproc in option_layouts()] + VARIANTS + EIGHT_RANKS
 
 
 @pytest.mark.parametrize("name,layout,nproc,micro", CASES, ids=[case[0] for case in CASES])

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.checkpoint.common import names
+
 REPO = Path(__file__).resolve().parents[2]
 # A small, fast model and run: everything else is the `make train` default (FSDP over 2 ranks).
 SMALL = ["model.n_layers=2", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=128"]
@@ -53,14 +55,15 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
 
 @pytest.mark.slow
 def test_train_resume_and_reproduce(tmp_path):
-    first = launch("training.steps=4", *SMALL, root=tmp_path)
+    # A constant LR, so that the run can be extended (a decayed WSD schedule cannot: test_extend.py).
+    first = launch("training.steps=4", *SMALL, "optimizer.schedule=constant", root=tmp_path)
     run_dir = tmp_path / "llama3_debug"
     (run_dir,) = [d for d in run_dir.iterdir()]  # one deterministic directory
     assert "step" in first.stderr and "loss" in first.stderr
     for name in ("config.yaml", "overrides.yaml", ".hydra", "git.txt", "env.txt", "cmd.txt", "tb"):
         assert (run_dir / name).exists(), name
     assert (run_dir / "logs" / "rank0.log").exists() and (run_dir / "logs" / "rank1.log").exists()
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    assert names(run_dir / "checkpoints") == ["step-2", "step-4"]
     assert [m["step"] for m in metrics(run_dir)] == [1, 2, 4]
 
     # The saved config is a primary config: launching it into a new name reproduces the run.
@@ -71,8 +74,20 @@ def test_train_resume_and_reproduce(tmp_path):
     assert [m["step"] for m in reproduced] == [1, 2, 4]
     assert [m["loss"] for m in reproduced] == pytest.approx([m["loss"] for m in original], rel=1e-6)
 
-    # The same command with more steps finds the same directory and continues from step 4.
-    again = launch("training.steps=6", *SMALL, root=tmp_path)
+    # The same command again: the run is complete, nothing starts and nothing is written.
+    done = launch("training.steps=4", *SMALL, "optimizer.schedule=constant", root=tmp_path)
+    assert "is complete: step 4 of training.steps=4" in done.stdout
+    assert len((run_dir / "cmd.txt").read_text().splitlines()) == 1
+
+    # With more steps, on another layout and micro-batch, it finds the same directory and goes on.
+    again = launch(
+        "training.steps=6",
+        *SMALL,
+        "optimizer.schedule=constant",
+        "parallelism=ddp",
+        "training.micro_batch_size=1",
+        root=tmp_path,
+    )
     assert "resuming from step 4" in again.stderr
     assert [m["step"] for m in metrics(run_dir)] == [1, 2, 4, 6]
     assert sorted(p.name for p in (tmp_path / "llama3_debug").iterdir()) == sorted([run_dir.name, "repro"])
@@ -81,6 +96,7 @@ def test_train_resume_and_reproduce(tmp_path):
     refused = launch(
         "training.steps=6",
         *SMALL,
+        "optimizer.schedule=constant",
         f"run.name={run_dir.name}",
         "optimizer.lr=1e-2",
         root=tmp_path,
@@ -88,6 +104,7 @@ def test_train_resume_and_reproduce(tmp_path):
     )
     assert refused.returncode == 2
     assert "optimizer.lr: 0.0003 -> 0.01" in refused.stderr
+    assert "optimizer.lr=1e-2" not in (run_dir / ".hydra" / "overrides.yaml").read_text()  # the run's record
 
 
 def test_bad_config_fails_before_training_with_the_fix(tmp_path):
@@ -100,24 +117,40 @@ def test_bad_config_fails_before_training_with_the_fix(tmp_path):
     assert not (tmp_path / "llama3_debug").exists()  # nothing was created
 
 
-@pytest.mark.parametrize(
-    "override, line",
-    [
-        (
-            "training.steps=abc",
-            "error: training.steps: Value 'abc' of type 'str' could not be converted to Integer",
-        ),
-        ("+training.stepz=5", "error: training.stepz: no such key; valid keys of training: steps, "),
-        (
-            "training.stepz=5",
-            "error: training.stepz: Key 'stepz' not in 'TrainingConfig'; valid keys of training: ",
-        ),
-    ],
-)
+ONE_LINE_ERRORS = [
+    (
+        "training.steps=abc",
+        "error: training.steps: Value 'abc' of type 'str' could not be converted to Integer",
+    ),
+    ("+training.stepz=5", "error: training.stepz: no such key; valid keys of training: steps, "),
+    (
+        "training.stepz=5",
+        "error: training.stepz: Key 'stepz' not in 'TrainingConfig'; valid keys of training: ",
+    ),
+    ("run.root=/proc", "error: cannot create the run directory ("),
+    ("training.device=cuda", "error: training.device=cuda but this machine has no CUDA device"),
+    ("training.micro_batch_size=0", "error: training.micro_batch_size=0 must be >= 1"),
+    ("cluster.nodes=0", "error: cluster.nodes=0 must be >= 1"),
+    ("run.name=../../escape", "error: run.name='../../escape' must be a plain directory name"),
+    ("run.name=..", "error: run.name='..' must be a plain directory name"),
+    ("training.steps=100000000000000000000", "error: training.steps=100000000000000000000 is more than"),
+    ("optimizer.lr=inf", "error: optimizer.lr=inf must be a finite number"),
+]
+
+
+@pytest.mark.parametrize("override, line", ONE_LINE_ERRORS)
 def test_a_config_error_is_one_line_naming_the_key(tmp_path, override, line):
-    proc = launch(override, root=tmp_path, check=False)
+    root = Path(override.partition("=")[2]) if override.startswith("run.root=") else tmp_path / "runs"
+    proc = launch(override, root=root, check=False)
     assert proc.returncode == 2 and proc.stderr.startswith(line), proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and not tmp_path.exists() or not any(tmp_path.iterdir())
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "escape").exists()  # nothing created
+
+
+def test_a_refused_sweep_leaves_nothing_behind(tmp_path):
+    proc = launch("-m", "training.micro_batch_size=0,1", root=tmp_path / "runs", check=False)
+    assert proc.returncode == 2 and "training.micro_batch_size=0 must be >= 1" in proc.stderr
+    assert not (tmp_path / "runs").exists()  # no sweep directory with a lone multirun.yaml
 
 
 def test_missing_data_file_is_named(tmp_path):

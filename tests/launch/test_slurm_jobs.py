@@ -38,8 +38,9 @@ JOBS = {
     "one_node": ["cluster.nodes=1", "cluster.nproc_per_node=2"],
     "preempt": ["cluster.nodes=2", "cluster.nproc_per_node=1"],
     "killed": ["cluster.nproc_per_node=2", "checkpoint.interval=4", "cluster.max_retries=1"],
-    # a learning rate that makes the loss NaN at step 2 on every attempt
+    # a learning rate that makes the gradients NaN at step 2 on every attempt, and no skipped step allowed
     "crash": [
+        "training.max_nonfinite_steps=0",
         "cluster.nproc_per_node=1",
         "parallelism=single",
         "optimizer=sgd",
@@ -174,7 +175,7 @@ def test_a_crash_is_retried_then_reported_failed_with_its_reason(jobs):
     assert "resumed from checkpoint" in (run / "logs" / "rank0.log").read_text()
     (row,) = report.report(run)
     assert (row["state"], row["attempts"], row["job"]) == ("failed", 2, job["job"])
-    assert row["reason"].startswith("NonFiniteLossError: loss is nan at step 2")
+    assert row["reason"].startswith("NonFiniteStepsError: stopped at step 2")
 
 
 def test_scancel_ends_the_run_and_the_report_says_cancelled(jobs):

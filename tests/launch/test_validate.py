@@ -67,10 +67,15 @@ def test_workers_must_divide_streams_per_rank():
         validate(cfg, world=2)
 
 
-def test_warmup_longer_than_training():
+def test_warmup_longer_than_training_is_cut_with_a_warning(caplog):
+    """The default warmup (10 steps) must fit a smoke run of 10 steps or fewer: cut, and said so."""
     cfg = base().replace(training={"steps": 10}, optimizer={"warmup_steps": 10})
-    with pytest.raises(ConfigError, match="optimizer.warmup_steps=10"):
-        validate(cfg, world=1)
+    validate(cfg, world=2)
+    assert (
+        "optimizer.warmup_steps=10 is not less than training.steps=10: warming up for 9 steps" in caplog.text
+    )
+    with pytest.raises(ConfigError, match="optimizer.warmup_steps=-1 must be >= 0"):
+        validate(base().replace(optimizer={"warmup_steps": -1}), world=2)
 
 
 def test_tp_must_divide_heads():

@@ -30,6 +30,9 @@ class TrainingConfig:
     ac: str = "none"  # none | full | layer | op
     ac_layer_freq: int = 2  # with ac=layer: checkpoint every N-th block
     max_norm: float = 1.0  # gradient-norm clip; 0 disables clipping
+    # a step whose gradients are not finite is skipped (weights and optimizer state untouched); the
+    # run stops once more steps than this were skipped since it was launched (0: at the first)
+    max_nonfinite_steps: int = 5
     gc_freq: int = 50  # run Python's GC on every rank every N steps (automatic GC is off)
     device: str = "auto"  # auto | cpu | cuda
 
@@ -56,14 +59,14 @@ class OptimizerConfig:
 
     name: str = "adamw"  # adamw | sgd
     lr: float = 3e-4
-    weight_decay: float = 0.1  # never applied to norms, biases or embeddings-as-norm gains
+    weight_decay: float = 0.1  # on matrices, embeddings and output included; never on norm gains (1-D)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     momentum: float = 0.0  # sgd only
     implementation: str = "auto"  # auto (fused on CUDA, foreach otherwise) | fused | foreach | for_loop
     schedule: str = "wsd"  # constant | cosine | linear | wsd
     warmup_steps: int = 10
-    decay_ratio: float = 0.2  # wsd: share of the steps spent decaying
+    decay_ratio: float = 0.2  # wsd: share of the steps after warmup spent decaying
     min_lr_factor: float = 0.1  # cosine, linear, wsd: the final LR as a fraction of lr
 
 
@@ -76,6 +79,9 @@ class DataConfig:
     text_field: str = "text"
     tokenizer: str = "???"  # a tiktoken `tokenizer.model` or a sentencepiece `.model` file
     num_workers: int = 0  # loader processes per rank
+    # raise | skip: a record with no text (bad JSON or UTF-8, no text field) stops the run, or is
+    # passed over and counted in the loader state
+    on_bad_record: str = "raise"
 
 
 @dataclass(frozen=True)

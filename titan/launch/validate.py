@@ -3,19 +3,28 @@
 Every message names the keys involved and a fix. All problems are reported at once.
 """
 
+import logging
+import math
+
+import torch
+
 from titan.checkpoint.options import config_problems
 from titan.config.errors import ConfigError
 from titan.config.schema import RunConfig
-from titan.data.checks import num_workers_problem
+from titan.data.checks import check_data, num_workers_problem, vocab_warning
 from titan.data.documents import SOURCES
+from titan.data.formats import BAD_RECORD_POLICIES
 from titan.distributed.ac import AC_MODES
 from titan.distributed.fsdp import DTYPES, RESHARD_CHOICES
 from titan.distributed.mesh import ParallelDims
-from titan.train.optim import OPTIMIZERS, SCHEDULES
+from titan.launch.identity import run_name_problem
+from titan.train.optim import OPTIMIZERS, SCHEDULES, effective_warmup
 
 RESUME_POLICIES = ("auto", "never", "must")
 PROGRESS_MODES = ("auto", "bar", "lines")
 DEVICES = ("auto", "cpu", "cuda")
+# The LR schedule computes in float64, exact for whole numbers up to 2**53: a step count past it is a typo.
+MAX_STEPS = 2**53
 IMPLEMENTATIONS = ("auto", "fused", "foreach", "for_loop")
 
 
@@ -56,6 +65,16 @@ def validate(cfg: RunConfig, world: int) -> ParallelDims:
     _choice(errors, "training.reduce_dtype", t.reduce_dtype, DTYPES)
     _choice(errors, "training.ac", t.ac, AC_MODES)
     _choice(errors, "training.device", t.device, DEVICES)
+    if t.device == "cuda" and not torch.cuda.is_available():
+        errors.append(
+            "training.device=cuda but this machine has no CUDA device; use training.device=auto or cpu"
+        )
+    if t.steps > MAX_STEPS:
+        errors.append(f"training.steps={t.steps} is more than {MAX_STEPS} (2**53)")
+    for key, value in (("training.max_norm", t.max_norm), ("optimizer.lr", cfg.optimizer.lr)):
+        if not math.isfinite(value):
+            errors.append(f"{key}={value} must be a finite number")
+    _positive(errors, "training.max_nonfinite_steps", t.max_nonfinite_steps, 0)
     if t.max_norm < 0:
         errors.append(f"training.max_norm={t.max_norm} must be >= 0 (0 turns clipping off)")
     if t.seq_len > m.max_seq_len:
@@ -69,9 +88,9 @@ def validate(cfg: RunConfig, world: int) -> ParallelDims:
         dims = ParallelDims.resolve(cfg.parallelism, world)
     except ValueError as e:
         errors.append(str(e))
-    if dims is not None:
+    if dims is not None and world >= 1:
         unit = dims.dp * t.micro_batch_size
-        if t.global_batch_size % unit:
+        if unit > 0 and t.global_batch_size % unit:
             errors.append(
                 f"training.global_batch_size={t.global_batch_size} is not divisible by dp={dims.dp} x "
                 f"training.micro_batch_size={t.micro_batch_size}; use {_nearest_multiples(t.global_batch_size, unit)}"
@@ -86,24 +105,36 @@ def validate(cfg: RunConfig, world: int) -> ParallelDims:
     _choice(errors, "optimizer.implementation", o.implementation, IMPLEMENTATIONS)
     if o.lr <= 0:
         errors.append(f"optimizer.lr={o.lr} must be > 0")
-    if not 0 <= o.warmup_steps < max(t.steps, 1):
-        errors.append(f"optimizer.warmup_steps={o.warmup_steps} must be in [0, training.steps={t.steps})")
+    _positive(errors, "optimizer.warmup_steps", o.warmup_steps, 0)
+    if o.warmup_steps >= t.steps >= 1:
+        logging.getLogger("titan").warning(
+            "warning: optimizer.warmup_steps=%d is not less than training.steps=%d: warming up for %d steps",
+            o.warmup_steps,
+            t.steps,
+            effective_warmup(o.warmup_steps, t.steps),
+        )
     if not 0 < o.decay_ratio <= 1:
         errors.append(f"optimizer.decay_ratio={o.decay_ratio} must be in (0, 1]")
     if not 0 <= o.min_lr_factor <= 1:
         errors.append(f"optimizer.min_lr_factor={o.min_lr_factor} must be in [0, 1]")
 
     _choice(errors, "data.source", d.source, SOURCES)
+    _choice(errors, "data.on_bad_record", d.on_bad_record, BAD_RECORD_POLICIES)
     _positive(errors, "data.num_workers", d.num_workers, 0)
     errors += config_problems(cfg.checkpoint)
     _positive(errors, "metrics.log_freq", cfg.metrics.log_freq)
     _choice(errors, "metrics.progress", cfg.metrics.progress, PROGRESS_MODES)
     _choice(errors, "run.resume", cfg.run.resume, RESUME_POLICIES)
+    problem = run_name_problem(cfg.run.name)
+    if problem:
+        errors.append(problem)
     _positive(errors, "cluster.nodes", cfg.cluster.nodes)
     if cfg.cluster.nproc_per_node is not None:
         _positive(errors, "cluster.nproc_per_node", cfg.cluster.nproc_per_node)
 
     if errors:
+        if len(errors) == 1:  # one problem, one line
+            raise ConfigError(errors[0])
         raise ConfigError("invalid configuration:\n" + "\n".join(f"  - {e}" for e in errors))
     return dims
 
@@ -157,17 +188,13 @@ def _check_pipeline(errors: list[str], cfg: RunConfig, dims: ParallelDims) -> No
 
 
 def validate_data(cfg: RunConfig) -> None:
-    """Checks that read files (tokenizer, local data): after the cheap checks, still before any rank."""
-    from titan.data.checks import check_data
-    from titan.data.tokenizer import build_tokenizer
+    """Checks that read files (tokenizer, local data): after the cheap checks, still before any rank.
 
+    A tokenizer smaller than the model is logged as a warning."""
     try:
-        check_data(cfg.data)
+        tokenizer = check_data(cfg.data)
+        warning = vocab_warning(tokenizer, cfg.data.tokenizer, cfg.model.vocab_size)
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    vocab = build_tokenizer(cfg.data.tokenizer).vocab_size
-    if vocab > cfg.model.vocab_size:
-        raise ConfigError(
-            f"the tokenizer data.tokenizer={cfg.data.tokenizer} has {vocab} tokens but model.vocab_size="
-            f"{cfg.model.vocab_size}; use a model with vocab_size >= {vocab} or another tokenizer"
-        )
+    if warning:
+        logging.getLogger("titan").warning("warning: %s", warning)
