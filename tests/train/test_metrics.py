@@ -2,6 +2,7 @@ import io
 import json
 import logging
 import sys
+import time
 
 import pytest
 import torch
@@ -269,7 +270,13 @@ def test_wandb_offline_run_without_login(tmp_path, monkeypatch):
     m.close()
     runs = list((run_dir / "wandb").glob("offline-run-*-run-abc"))
     assert len(runs) == 1
-    assert b"global_tokens_per_second" in (runs[0] / "run-run-abc.wandb").read_bytes()  # the history row
+    # wandb's service process writes this file; under load finish() can return before its last write
+    # reaches the disk, so the history row is waited for (it never comes if the logger logged nothing).
+    history = runs[0] / "run-run-abc.wandb"
+    deadline = time.monotonic() + 60
+    while b"global_tokens_per_second" not in history.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert b"global_tokens_per_second" in history.read_bytes()  # the history row
 
 
 def test_disabled_logger_writes_nothing(tmp_path):
