@@ -27,9 +27,8 @@ def check_lr_continues(saved: dict, cfg: RunConfig, start: int, run_dir: str) ->
         return
     saved_opt = saved.get("optimizer", {})
     fields = {f.name for f in dataclasses.fields(OptimizerConfig)}
+    # Only the schedule's keys matter to lr_factor; the rest are taken as saved (betas stay a list).
     old_opt = dataclasses.replace(cfg.optimizer, **{k: v for k, v in saved_opt.items() if k in fields})
-    if isinstance(old_opt.betas, list):
-        old_opt = dataclasses.replace(old_opt, betas=tuple(old_opt.betas))
     # The LR of the next step as the run was scheduled (its last step's, when it had finished).
     before = lr_factor(old_opt, old_steps)(min(start, old_steps - 1))
     after = lr_factor(cfg.optimizer, cfg.training.steps)(start)
