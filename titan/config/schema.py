@@ -35,6 +35,12 @@ class TrainingConfig:
     max_nonfinite_steps: int = 5
     gc_freq: int = 50  # run Python's GC on every rank every N steps (automatic GC is off)
     device: str = "auto"  # auto | cpu | cuda
+    # The ranks agree on a stop request and a timed save every this many steps, on a CPU (gloo) group:
+    # between those steps the host never waits for the device. Keep it x step time << signal_delay_s / 2.
+    control_every: int = 10
+    float8: str = "none"  # none | tensorwise | rowwise: torchao Float8 matmuls (CUDA SM 8.9+; CPU for tests)
+    # chunked: the fp32 logits of one chunk of tokens at a time, never the whole batch's | full | liger (CUDA)
+    cross_entropy: str = "chunked"
 
 
 @dataclass(frozen=True)

@@ -24,13 +24,8 @@ from titan.distributed.fsdp import DTYPES
 from titan.distributed.grad_norm import grad_norm
 from titan.distributed.mesh import ParallelDims, device_for
 from titan.models.llama.args import flops_per_token
-from titan.models.llama.cp import apply_cp
-from titan.models.llama.init import init_weights
-from titan.models.llama.model import Transformer
-from titan.models.llama.parallelize import parallelize_llama
-from titan.models.llama.pipeline import build_pipeline
 from titan.train.logs import setup_rank_logging
-from titan.train.loss import cross_entropy_sum
+from titan.train.build_model import build_loss, build_model
 from titan.train.metrics import MetricsLogger
 from titan.train.optim import LRSchedulers, Optimizers
 from titan.train.preempt import PreemptionWatcher
@@ -82,39 +77,6 @@ def run_id(run_dir: Path) -> str:
     """A W&B-safe id that is the same for every attempt of one run directory (so resumes continue it)."""
     slug = re.sub(r"[^A-Za-z0-9_-]", "-", run_dir.name)[:40]
     return f"{slug}-{hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:12]}"
-
-
-def build_loss(cfg: RunConfig):
-    """The loss, compiled with the blocks: the fp32 upcast and log-softmax over the vocabulary fuse."""
-    if cfg.training.compile:
-        return torch.compile(cross_entropy_sum, backend=cfg.training.compile_backend)
-    return cross_entropy_sum
-
-
-def build_model(cfg: RunConfig, dims: ParallelDims, meshes: dict, device: torch.device, loss_fn):
-    """This rank's model parts (the whole model, or its pipeline stages), parallelized, materialized
-    and initialized; and the pipeline that runs them (None without PP)."""
-    pipeline = None
-    if dims.pp > 1:
-        local_batch = cfg.training.global_batch_size // dims.dp
-        pipeline = build_pipeline(cfg.model, cfg.parallelism, meshes["pp"], local_batch=local_batch)
-        parts = pipeline.model_parts
-    else:
-        with torch.device("meta"):
-            parts = [Transformer(cfg.model)]
-    for i, part in enumerate(parts):
-        part = parallelize_llama(
-            part, dims, meshes, cfg.training, cfg.parallelism, pipeline=pipeline is not None
-        )
-        part.to_empty(device=device)
-        init_weights(part, cfg.model, seed=cfg.training.seed, device=device)
-        if dims.cp > 1:  # needs the materialized rope table, so after init
-            apply_cp(part, meshes["cp"], cfg.training.seq_len)
-        part.train()
-        parts[i] = part
-    if pipeline is not None:
-        pipeline.build_schedule(device, loss_fn)
-    return parts, pipeline
 
 
 class Trainer:
