@@ -24,8 +24,8 @@ from titan.distributed.fsdp import DTYPES
 from titan.distributed.grad_norm import grad_norm
 from titan.distributed.mesh import ParallelDims, device_for
 from titan.models.llama.args import flops_per_token
-from titan.train.logs import setup_rank_logging
 from titan.train.build_model import build_loss, build_model
+from titan.train.logs import setup_rank_logging
 from titan.train.metrics import MetricsLogger
 from titan.train.optim import LRSchedulers, Optimizers
 from titan.train.preempt import PreemptionWatcher
