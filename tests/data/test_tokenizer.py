@@ -3,6 +3,7 @@ and the checks against the model's vocabulary (a cut file, a smaller or larger t
 
 import base64
 import itertools
+import json
 import logging
 import random
 import shutil
@@ -10,6 +11,7 @@ import shutil
 import pytest
 
 from tests.launch.compose import compose_config
+from tests.utils import read_metrics, tiny_config
 from titan.assets import asset_path
 from titan.config.errors import ConfigError
 from titan.data.checks import vocab_warning
@@ -17,13 +19,16 @@ from titan.data.tokenizer import (
     LLAMA3_BASE_TOKENS,
     LLAMA3_SPECIAL_TOKENS,
     LLAMA3_VOCAB_SIZE,
+    HuggingFaceTokenizer,
     SentencePieceTokenizer,
     TiktokenTokenizer,
     build_tokenizer,
+    save_huggingface_tokenizer,
     split_long_runs,
 )
 from titan.launch.build import build_run_config
 from titan.launch.validate import validate_data
+from titan.train.trainer import run
 
 TIKTOKEN = asset_path("tokenizers/titan_debug.tiktoken")
 SENTENCEPIECE = asset_path("tokenizers/titan_debug_sp.model")
@@ -278,3 +283,99 @@ def test_sentencepiece_takes_a_lone_surrogate_as_tiktoken_does():
     for path in (TIKTOKEN, SENTENCEPIECE):
         tok = build_tokenizer(path)
         assert tok.encode("a\ud800b", bos=True, eos=True) == tok.encode("a\ufffdb", bos=True, eos=True)
+
+
+# Hugging Face tokenizer.json: the bundled tiktoken BPE converted, read back through `tokenizers`.
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hf_tokenizer")
+    save_huggingface_tokenizer(build_tokenizer(TIKTOKEN), folder)
+    return folder
+
+
+def c4_texts(n=300):
+    path = asset_path("c4_test/c4-train.00000-of-00001.json")
+    return [json.loads(line)["text"] for line in path.read_text().splitlines()[:n]]
+
+
+def test_tokenizer_json_equals_the_tiktoken_file_it_was_converted_from(hf_folder):
+    hf, tk = build_tokenizer(hf_folder / "tokenizer.json"), build_tokenizer(TIKTOKEN)
+    assert isinstance(hf, HuggingFaceTokenizer)
+    assert (hf.vocab_size, hf.bos_id, hf.eos_id, hf.eot_id) == (
+        tk.vocab_size,
+        tk.bos_id,
+        tk.eos_id,
+        tk.eot_id,
+    )
+    # Long runs, specials as text, combining marks and whitespace runs are where BPE ports differ.
+    extra = ["a" * 30_000, "e\u0301 " + " " * 50 + "x", "tab\there\n\n\n  end  "]
+    for text in TEXTS + c4_texts() + extra:
+        assert hf.encode(text, bos=True, eos=True) == tk.encode(text, bos=True, eos=True), text[:60]
+        assert hf.decode(hf.encode(text, bos=False, eos=False)) == text
+
+
+def test_tokenizer_json_encodes_as_the_tokenizers_library_does(hf_folder):
+    from tokenizers import Tokenizer as RustTokenizer
+
+    hf, rust = build_tokenizer(hf_folder), RustTokenizer.from_file(str(hf_folder / "tokenizer.json"))
+    for text in TEXTS[:4] + c4_texts(50):  # no special-token text: the library's default parses it
+        assert hf.encode(text, bos=False, eos=False) == rust.encode(text, add_special_tokens=False).ids
+    # Llama 3's special tokens at Meta's ids after the base ranks: BOS, EOS, end of turn.
+    base = hf.vocab_size - len(LLAMA3_SPECIAL_TOKENS)
+    assert [rust.token_to_id(t) for t in ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>")] == [
+        base,
+        base + 1,
+        base + 9,
+    ]
+    assert (hf.bos_id, hf.eos_id, hf.eot_id) == (base, base + 1, base + 9)
+    # In a document the special names are text, as with tiktoken.
+    assert base + 9 not in hf.encode("end <|eot_id|>", bos=False, eos=False)
+
+
+def test_transformers_reads_the_written_tokenizer(hf_folder):
+    from transformers import AutoTokenizer
+
+    auto, hf = AutoTokenizer.from_pretrained(str(hf_folder)), build_tokenizer(hf_folder)
+    assert (auto.bos_token_id, auto.eos_token_id) == (hf.bos_id, hf.eos_id)
+    for text in TEXTS[:4]:
+        assert auto(text, add_special_tokens=False).input_ids == hf.encode(text, bos=False, eos=False)
+
+
+def test_tokenizer_json_names_bos_and_eos_from_its_config(hf_folder, tmp_path):
+    """A tokenizer without Llama 3's names: BOS and EOS come from tokenizer_config.json, as in transformers."""
+    tokenizer = json.loads((hf_folder / "tokenizer.json").read_text())
+    for added in tokenizer["added_tokens"]:
+        added["content"] = added["content"].replace("begin_of_text", "bos").replace("end_of_text", "eos")
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(ValueError, match="no BOS token.*tokenizer_config.json"):
+        build_tokenizer(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<|bos|>", "eos_token": {"content": "<|eos|>"}})
+    )
+    hf = build_tokenizer(tmp_path / "tokenizer.json")
+    assert (hf.bos_id, hf.eos_id) == (2048, 2049)
+
+
+def test_a_broken_tokenizer_json_is_a_one_line_error(tmp_path):
+    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": ')
+    with pytest.raises(
+        ValueError, match=r"data.tokenizer=.*tokenizer.json: not a Hugging Face tokenizer.json"
+    ):
+        build_tokenizer(tmp_path / "tokenizer.json")
+
+
+def test_training_on_a_tokenizer_json_lowers_the_loss(hf_folder, tmp_path):
+    cfg = tiny_config(
+        tmp_path,
+        steps=30,
+        parallelism={"dp_shard": 1},
+        optimizer={"name": "adamw", "lr": 3e-3},
+        checkpoint={"enable": False},
+        data={"tokenizer": str(hf_folder / "tokenizer.json")},
+    )
+    run(cfg)
+    losses = [m["loss"] for m in read_metrics(tmp_path)]
+    assert losses[0] == pytest.approx(7.74, abs=0.3)  # ln(2304): the initial model guesses uniformly
+    assert sum(losses[-5:]) / 5 < losses[0] - 0.8

@@ -83,7 +83,7 @@ class DataConfig:
     name: str | None = None  # hub dataset config (c4: "en")
     split: str = "train"
     text_field: str = "text"
-    tokenizer: str = "???"  # a tiktoken `tokenizer.model` or a sentencepiece `.model` file
+    tokenizer: str = "???"  # a tiktoken `tokenizer.model`, a sentencepiece `.model`, a tokenizer.json (or its folder)
     num_workers: int = 0  # loader processes per rank
     # raise | skip: a record with no text (bad JSON or UTF-8, no text field) stops the run, or is
     # passed over and counted in the loader state

@@ -1,15 +1,17 @@
-"""Tokenizers: Meta's Llama 3 tiktoken BPE and sentencepiece, behind one small interface.
+"""Tokenizers: Meta's Llama 3 tiktoken BPE, Hugging Face `tokenizer.json` and sentencepiece, behind one
+small interface; and the conversion of a tiktoken BPE into a `tokenizer.json` (for exports).
 
 `build_tokenizer(path)` looks at the file's content (a sentencepiece model is a protobuf, a tiktoken
-file is lines of `base64(token_bytes) rank`), so `data.tokenizer` needs no separate format key.
-Nothing here touches the network: tiktoken's own loaders may download or cache files, so the
-ranks file is parsed here.
+file is lines of `base64(token_bytes) rank`, a tokenizer.json is JSON; a folder holding a
+tokenizer.json is taken too), so `data.tokenizer` needs no separate format key. Nothing here touches
+the network: tiktoken's own loaders may download or cache files, so the ranks file is parsed here.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -141,6 +143,7 @@ class TiktokenTokenizer(Tokenizer):
         import tiktoken
 
         ranks = load_tiktoken_ranks(path)
+        self.ranks = ranks
         self.num_base_tokens = len(ranks)
         self.first_token = min(ranks, key=ranks.__getitem__)
         self.special_tokens = {
@@ -222,16 +225,162 @@ class SentencePieceTokenizer(Tokenizer):
         return self.model.decode(list(ids))
 
 
+# The names Llama 3's tokenizer.json gives BOS, EOS and end-of-turn; other tokenizers name theirs in
+# the tokenizer_config.json beside it (`bos_token`, `eos_token`), as transformers reads them.
+LLAMA3_BOS, LLAMA3_EOS, LLAMA3_EOT = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"
+HF_TOKENIZER_FILE, HF_TOKENIZER_CONFIG = "tokenizer.json", "tokenizer_config.json"
+
+
+def _config_token(config: dict, key: str) -> str | None:
+    value = config.get(key)
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class HuggingFaceTokenizer(Tokenizer):
+    """A Hugging Face `tokenizer.json`, run by the `tokenizers` library."""
+
+    def __init__(self, path: str | Path):
+        from tokenizers import Tokenizer as RustTokenizer
+
+        try:
+            self.model = RustTokenizer.from_file(str(path))
+        except Exception as e:  # the library raises a bare Exception for any parse error
+            raise _bad_file(path, f"not a Hugging Face tokenizer.json ({e})") from e
+        # Training text is never parsed for special tokens, as with tiktoken above: "<|eot_id|>" inside a
+        # document is ordinary text.
+        self.model.encode_special_tokens = True
+        config_file = Path(path).with_name(HF_TOKENIZER_CONFIG)
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        ids = {}
+        for key, llama3_name in (("bos_token", LLAMA3_BOS), ("eos_token", LLAMA3_EOS)):
+            name = self._first_known(llama3_name, _config_token(config, key))
+            if name is None:
+                raise _bad_file(
+                    path,
+                    f"no {key[:3].upper()} token: neither {llama3_name} nor a `{key}` in a {HF_TOKENIZER_CONFIG} "
+                    "beside it",
+                )
+            ids[key] = self.model.token_to_id(name)
+        self._bos_id, self._eos_id = ids["bos_token"], ids["eos_token"]
+        self.eot_id = self.model.token_to_id(LLAMA3_EOT)  # None where the tokenizer has no end-of-turn
+
+    def _first_known(self, *names: str | None) -> str | None:
+        return next((n for n in names if n is not None and self.model.token_to_id(n) is not None), None)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_id(self) -> int:
+        return self._bos_id
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos_id
+
+    def encode(self, text: str, *, bos: bool, eos: bool) -> list[int]:
+        # add_special_tokens=False: the file's post-processor would add its own BOS; the caller says.
+        ids = self.model.encode(text, add_special_tokens=False).ids
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.model.decode(list(ids), skip_special_tokens=False)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet, which byte-level BPE `tokenizer.json` files spell tokens in: printable
+    bytes stand for themselves, the rest are shifted to code points from 256 up."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    shifted = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(shifted)}}
+
+
+def tiktoken_to_huggingface(tokenizer: TiktokenTokenizer):
+    """The same tokenizer as a `tokenizers.Tokenizer` (for a `tokenizer.json`): the ranks as a byte-level
+    BPE vocabulary, each token's merges recovered from the ranks of its two halves (a tiktoken file
+    stores no merges: a token of rank r was made by merging two tokens of lower rank), the Llama 3
+    split pattern, and the special tokens at their ids. `ignore_merges` makes a pre-token that is itself
+    a vocabulary entry one token, as tiktoken does."""
+    from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers.models import BPE
+
+    alphabet = _bytes_to_unicode()
+    spell = lambda token: "".join(alphabet[b] for b in token)  # noqa: E731
+    ranks = tokenizer.ranks
+    merges = []
+    for token, rank in ranks.items():
+        halves = [(token[:i], token[i:]) for i in range(1, len(token))]
+        pairs = [(ranks[a], ranks[b], a, b) for a, b in halves if a in ranks and b in ranks]
+        merges.extend((rank, ra, rb, spell(a), spell(b)) for ra, rb, a, b in pairs)
+    merges.sort()
+    model = BPE(
+        {spell(token): rank for token, rank in ranks.items()},
+        [(a, b) for *_, a, b in merges],
+        fuse_unk=False,
+        ignore_merges=True,
+    )
+    hf = RustTokenizer(model)
+    hf.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    hf.decoder = decoders.ByteLevel()
+    specials = sorted(tokenizer.special_tokens, key=tokenizer.special_tokens.__getitem__)
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    return hf
+
+
+def save_huggingface_tokenizer(tokenizer: Tokenizer, folder: str | Path) -> list[Path]:
+    """Write `tokenizer` as `tokenizer.json` + `tokenizer_config.json` into `folder`, readable by
+    transformers' `AutoTokenizer.from_pretrained(folder)`. Returns the files written."""
+    if isinstance(tokenizer, HuggingFaceTokenizer):
+        hf = tokenizer.model
+    elif isinstance(tokenizer, TiktokenTokenizer):
+        hf = tiktoken_to_huggingface(tokenizer)
+    else:
+        raise ValueError(
+            f"{type(tokenizer).__name__} cannot be written as a tokenizer.json: only tiktoken BPE files and "
+            "tokenizer.json tokenizers are"
+        )
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = [folder / HF_TOKENIZER_FILE, folder / HF_TOKENIZER_CONFIG]
+    hf.save(str(files[0]))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": hf.id_to_token(tokenizer.bos_id),
+        "eos_token": hf.id_to_token(tokenizer.eos_id),
+        "clean_up_tokenization_spaces": False,  # byte-level BPE decodes text exactly as it was
+        "model_input_names": ["input_ids", "attention_mask"],
+    }
+    files[1].write_text(json.dumps(config, indent=2) + "\n")
+    return files
+
+
 _TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+=* \d+\r?\n?")
 
 
 def build_tokenizer(path: str | Path) -> Tokenizer:
     """The tokenizer in `path`, its format told by the content."""
     if str(path) in ("", "???"):
-        raise ValueError("data.tokenizer is not set: give the path of a tiktoken or sentencepiece model")
+        raise ValueError(
+            "data.tokenizer is not set: give the path of a tiktoken or sentencepiece model or a tokenizer.json"
+        )
     file = Path(path)
+    if file.is_dir() and (file / HF_TOKENIZER_FILE).is_file():  # a Hugging Face model or tokenizer folder
+        file = file / HF_TOKENIZER_FILE
     if not file.is_file():
-        raise _bad_file(path, "no such file (set data.tokenizer to a tiktoken or sentencepiece model)")
+        raise _bad_file(
+            path, "no such file (set data.tokenizer to a tiktoken or sentencepiece model or a tokenizer.json)"
+        )
     try:
         with open(file, "rb") as f:
             first_line = f.readline(4096)
@@ -241,6 +390,10 @@ def build_tokenizer(path: str | Path) -> Tokenizer:
         return TiktokenTokenizer(file)
     if first_line[:1] == b"\n":  # protobuf field 1 (`pieces`), length-delimited: a sentencepiece ModelProto
         return SentencePieceTokenizer(file)
+    if first_line.lstrip()[:1] == b"{":
+        return HuggingFaceTokenizer(file)
     raise _bad_file(
-        path, "neither a tiktoken BPE file (lines of `base64 rank`) nor a sentencepiece model (protobuf)"
+        path,
+        "neither a tiktoken BPE file (lines of `base64 rank`), a sentencepiece model (protobuf) nor a "
+        "tokenizer.json",
     )
