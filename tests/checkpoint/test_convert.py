@@ -4,11 +4,14 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from tests.checkpoint.common import one_rank_config
 from tests.utils import TINY_MODEL, read_model
+from titan.assets import asset_path
 from titan.checkpoint.dcp_model import read_dcp_model, write_dcp_model
 from titan.checkpoint.hf import HF_INDEX, dcp_to_hf, read_hf
+from titan.data.tokenizer import build_tokenizer
 from titan.models.llama.args import ModelArgs
 from titan.models.llama.meta_adapter import meta_params_to_args
 from titan.models.llama.model import Transformer
@@ -81,6 +84,33 @@ def test_hf_export_in_bfloat16(tmp_path):
     assert json.loads((hf / "config.json").read_text())["torch_dtype"] == "bfloat16"
     read, _ = read_hf(hf)
     assert all(torch.equal(read[k], weights[k].to(torch.bfloat16)) for k in weights)
+
+
+@pytest.mark.parametrize("tokenizer", ["titan_debug.tiktoken", "titan_debug_sp.model"])
+def test_hf_export_writes_the_run_tokenizer(tmp_path, tokenizer):
+    """`dcp-to-hf` of a run's step directory writes the run's tokenizer, which AutoTokenizer loads and
+    which encodes as titan did; config.json carries its BOS and EOS ids."""
+    path = asset_path(f"tokenizers/{tokenizer}")
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"data": {"tokenizer": str(path)}}))
+    step = write_dcp_model(
+        run_dir / "checkpoints" / "step-0", random_model(TINY_MODEL).state_dict(), TINY_MODEL
+    )
+    hf = main(["dcp-to-hf", str(step), str(tmp_path / "hf")])
+    ours = build_tokenizer(path)
+    config = json.loads((hf / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (ours.bos_id, ours.eos_id)
+    auto = transformers.AutoTokenizer.from_pretrained(hf)
+    assert (auto.bos_token_id, auto.eos_token_id) == (ours.bos_id, ours.eos_id)
+    text = "The quick brown fox: naïve café, 1234567 tokens.\nNext line"
+    assert auto(text).input_ids == ours.encode(text, bos=True, eos=False)  # a BOS first, as Llama's do
+    assert auto.decode(ours.encode(text, bos=False, eos=False)) == ours.decode(
+        ours.encode(text, bos=False, eos=False)
+    )
+    no_tokenizer = main(["dcp-to-hf", str(step), str(tmp_path / "bare"), "--tokenizer", "none"])
+    assert "bos_token_id" not in json.loads((no_tokenizer / "config.json").read_text())
+    assert not (no_tokenizer / "tokenizer_config.json").exists()
 
 
 def test_export_hf_at_the_end_of_a_run(tmp_path):

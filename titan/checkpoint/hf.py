@@ -1,4 +1,5 @@
-"""titan step directories <-> Hugging Face `LlamaForCausalLM` folders (safetensors + config.json).
+"""titan step directories <-> Hugging Face `LlamaForCausalLM` folders (safetensors + config.json, and
+the tokenizer when the export is given one).
 
 An export holds about one transformer block plus one safetensors shard in memory; an import reads
 one tensor at a time. External weights are read with safetensors: never unpickled.
@@ -17,6 +18,7 @@ from safetensors.torch import save_file
 from titan.checkpoint.dcp_model import iter_dcp_model, model_args_of, write_dcp_model
 from titan.checkpoint.format import begin, commit
 from titan.checkpoint.options import EXPORT_DTYPES
+from titan.data.tokenizer import build_tokenizer, save_huggingface_tokenizer
 from titan.models.llama.args import ModelArgs
 from titan.models.llama.hf_adapter import from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
 
@@ -68,11 +70,14 @@ def dcp_to_hf(
     *,
     dtype: str | None = None,
     args: ModelArgs | None = None,
+    tokenizer: str | Path | None = None,
     max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> Path:
     """A Hugging Face `LlamaForCausalLM` folder (safetensors + config.json) from a titan step directory,
-    committed as a step directory is (an earlier export to `out` is replaced)."""
+    committed as a step directory is (an earlier export to `out` is replaced). With `tokenizer` (any
+    file `data.tokenizer` takes) the folder also holds it, and config.json its BOS and EOS ids."""
     args = args or model_args_of(step)
+    tok = build_tokenizer(tokenizer) if tokenizer is not None else None  # a bad file fails before the work
     out = Path(out)
     partial = begin(out)
     cast = EXPORT_DTYPES[dtype] if dtype else None
@@ -82,6 +87,9 @@ def dcp_to_hf(
     )
     stored = _write_hf_shards(partial, groups, max_shard_bytes)
     config = {**to_hf_config(args), "torch_dtype": stored}
+    if tok is not None:
+        config.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+        save_huggingface_tokenizer(tok, partial)
     (partial / "config.json").write_text(json.dumps(config, indent=2))
     replaced = commit(partial, out)
     if replaced is not None:

@@ -193,6 +193,7 @@ class SentencePieceTokenizer(Tokenizer):
     def __init__(self, path: str | Path):
         import sentencepiece
 
+        self.path = Path(path)
         try:
             self.model = sentencepiece.SentencePieceProcessor(model_file=str(path))
         except (OSError, RuntimeError) as e:
@@ -306,7 +307,7 @@ def tiktoken_to_huggingface(tokenizer: TiktokenTokenizer):
     stores no merges: a token of rank r was made by merging two tokens of lower rank), the Llama 3
     split pattern, and the special tokens at their ids. `ignore_merges` makes a pre-token that is itself
     a vocabulary entry one token, as tiktoken does."""
-    from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
+    from tokenizers import AddedToken, Regex, decoders, pre_tokenizers, processors
     from tokenizers import Tokenizer as RustTokenizer
     from tokenizers.models import BPE
 
@@ -335,25 +336,37 @@ def tiktoken_to_huggingface(tokenizer: TiktokenTokenizer):
     hf.decoder = decoders.ByteLevel()
     specials = sorted(tokenizer.special_tokens, key=tokenizer.special_tokens.__getitem__)
     hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    # As Meta's published tokenizer.json: a BOS before the text when the caller asks for special tokens.
+    bos = LLAMA3_BOS
+    hf.post_processor = processors.TemplateProcessing(
+        single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, tokenizer.bos_id)]
+    )
     return hf
 
 
 def save_huggingface_tokenizer(tokenizer: Tokenizer, folder: str | Path) -> list[Path]:
-    """Write `tokenizer` as `tokenizer.json` + `tokenizer_config.json` into `folder`, readable by
-    transformers' `AutoTokenizer.from_pretrained(folder)`. Returns the files written."""
-    if isinstance(tokenizer, HuggingFaceTokenizer):
-        hf = tokenizer.model
-    elif isinstance(tokenizer, TiktokenTokenizer):
-        hf = tiktoken_to_huggingface(tokenizer)
-    else:
-        raise ValueError(
-            f"{type(tokenizer).__name__} cannot be written as a tokenizer.json: only tiktoken BPE files and "
-            "tokenizer.json tokenizers are"
-        )
+    """Write `tokenizer` into `folder` so that transformers' `AutoTokenizer.from_pretrained(folder)` reads
+    it: `tokenizer.json` (tiktoken and tokenizer.json tokenizers) or the sentencepiece `tokenizer.model`
+    (as Llama 2's releases), and a `tokenizer_config.json`. Returns the files written."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    files = [folder / HF_TOKENIZER_FILE, folder / HF_TOKENIZER_CONFIG]
-    hf.save(str(files[0]))
+    config_file = folder / HF_TOKENIZER_CONFIG
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        model_file = folder / "tokenizer.model"
+        model_file.write_bytes(tokenizer.path.read_bytes())
+        config = {
+            "tokenizer_class": "LlamaTokenizer",
+            "bos_token": tokenizer.model.id_to_piece(tokenizer.bos_id),
+            "eos_token": tokenizer.model.id_to_piece(tokenizer.eos_id),
+            "add_bos_token": True,
+            "add_eos_token": False,
+        }
+        config_file.write_text(json.dumps(config, indent=2) + "\n")
+        return [model_file, config_file]
+    hf = (
+        tokenizer.model if isinstance(tokenizer, HuggingFaceTokenizer) else tiktoken_to_huggingface(tokenizer)
+    )
+    hf.save(str(folder / HF_TOKENIZER_FILE))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": hf.id_to_token(tokenizer.bos_id),
@@ -361,8 +374,8 @@ def save_huggingface_tokenizer(tokenizer: Tokenizer, folder: str | Path) -> list
         "clean_up_tokenization_spaces": False,  # byte-level BPE decodes text exactly as it was
         "model_input_names": ["input_ids", "attention_mask"],
     }
-    files[1].write_text(json.dumps(config, indent=2) + "\n")
-    return files
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
+    return [folder / HF_TOKENIZER_FILE, config_file]
 
 
 _TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+=* \d+\r?\n?")

@@ -55,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path, help="the folder to write (LlamaForCausalLM.from_pretrained loads it)")
     p.add_argument("--dtype", choices=list(EXPORT_DTYPES), help="cast the weights (default: as saved)")
     p.add_argument("--model", type=Path, help="model YAML/JSON, if the step directory has no model.json")
+    p.add_argument(
+        "--tokenizer",
+        help="the tokenizer to write beside the weights (default: the run's data.tokenizer, read from the "
+        "config.yaml of the run the step directory belongs to; 'none': no tokenizer)",
+    )
 
     p = sub.add_parser("hf-to-dcp", help="Hugging Face Llama folder -> model-only titan step directory")
     p.add_argument("hf", type=Path, help="a folder with config.json and *.safetensors")
@@ -119,11 +124,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_tokenizer(step: Path) -> str | None:
+    """The data.tokenizer of the run a step directory belongs to (<run dir>/checkpoints/step-N), if any."""
+    for config in (step.parent.parent / "config.yaml", step.parent / "config.yaml"):
+        if config.is_file():
+            return (yaml.safe_load(config.read_text()).get("data") or {}).get("tokenizer")
+    return None
+
+
 def main(argv: list[str] | None = None) -> Path:
     a = _parser().parse_args(argv)
     model = load_model_args(a.model) if getattr(a, "model", None) and a.direction != "seed" else None
     if a.direction == "dcp-to-hf":
-        out = dcp_to_hf(a.step, a.out, dtype=a.dtype, args=model)
+        tokenizer = run_tokenizer(a.step) if a.tokenizer is None else a.tokenizer
+        tokenizer = None if tokenizer in (None, "none") else tokenizer
+        out = dcp_to_hf(a.step, a.out, dtype=a.dtype, args=model, tokenizer=tokenizer)
     elif a.direction == "hf-to-dcp":
         out = hf_to_dcp(a.hf, a.out)
     elif a.direction == "meta-to-dcp":
