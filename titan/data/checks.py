@@ -22,6 +22,7 @@ from titan.data.formats import (
     parquet_column,
     parquet_text,
 )
+from titan.data.token_shards import TokenShards
 from titan.data.tokenizer import (
     LLAMA3_BASE_TOKENS,
     LLAMA3_FIRST_TOKEN,
@@ -116,6 +117,8 @@ def checked_files(data: DataConfig) -> list[Path]:
         if data.path in ("", "???"):
             raise ValueError("data.path is not set: give a Hugging Face dataset name (e.g. allenai/c4)")
         return []
+    if data.source == "tokens":  # the index and every shard's size, against data.tokenizer
+        return TokenShards(data).files
     files = resolve_files(data)
     for file in files:
         _check_first_records(data, file)

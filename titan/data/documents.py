@@ -15,21 +15,26 @@ from collections.abc import Iterator
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
+
 from titan.config.schema import DataConfig
 from titan.data.formats import BadRecord
 from titan.data.records import LocalFiles
+from titan.data.token_shards import TokenShards
 
-# The values of data.source: the Hub (streamed by `datasets`), or local files of one format.
-SOURCES = ("huggingface", "jsonl", "parquet", "text")
+# The values of data.source: the Hub (streamed by `datasets`), local files of one format, or a folder of
+# pre-tokenized shards (token_shards.py).
+SOURCES = ("huggingface", "jsonl", "parquet", "text", "tokens")
 
 
 class Documents(ABC):
     """One stream's documents for one epoch, resumable at a position (a plain, JSON-able value)."""
 
     @abstractmethod
-    def iterate(self, position: Any) -> Iterator[str | BadRecord]:
-        """The documents from `position` (None: the epoch's start) to the end of the epoch; a record
-        that holds no document comes as the BadRecord saying why, in its place."""
+    def iterate(self, position: Any) -> Iterator[str | np.ndarray | BadRecord]:
+        """The documents from `position` (None: the epoch's start) to the end of the epoch: text, or the
+        token ids of a pre-tokenized one; a record that holds no document comes as the BadRecord saying
+        why, in its place."""
 
     @abstractmethod
     def position(self) -> Any:
@@ -41,9 +46,10 @@ class Documents(ABC):
 
 
 class LocalDocuments(Documents):
-    """Stream `stream` of `num_streams` over local files; the position is a count of documents."""
+    """Stream `stream` of `num_streams` over local files (or token shards); the position is a count of
+    documents."""
 
-    def __init__(self, files: LocalFiles, stream: int, num_streams: int):
+    def __init__(self, files: LocalFiles | TokenShards, stream: int, num_streams: int):
         self.files, self.stream, self.num_streams = files, stream, num_streams
         self._position = 0
 
@@ -59,7 +65,7 @@ class LocalDocuments(Documents):
             yield f, (self.stream - before) % self.num_streams, self.num_streams
             before += self.files.count(f)
 
-    def iterate(self, position: Any) -> Iterator[str | BadRecord]:
+    def iterate(self, position: Any) -> Iterator[str | np.ndarray | BadRecord]:
         self._position = skip = position or 0
         for f, first, step in self._segments():
             records = range(first, self.files.count(f), step)
@@ -140,7 +146,9 @@ class HubDocuments(Documents):
         return f"sequence slot {self.stream} (data.path={self.data.path}, split {self.data.split})"
 
 
-def stream_documents(data: DataConfig, files: LocalFiles | None, stream: int, num_streams: int) -> Documents:
+def stream_documents(
+    data: DataConfig, files: LocalFiles | TokenShards | None, stream: int, num_streams: int
+) -> Documents:
     """Stream `stream`'s documents: from the local `files`, or from the Hub when there are none."""
     if files is None:
         return HubDocuments(data, stream, num_streams)

@@ -35,6 +35,7 @@ from titan.data.documents import stream_documents
 from titan.data.packing import PackedStream
 from titan.data.records import LocalFiles
 from titan.data.stream_state import StreamState
+from titan.data.token_shards import TokenShards
 from titan.data.tokenizer import Tokenizer, build_tokenizer
 
 PREFETCH_STEPS = 2  # items each worker keeps ready
@@ -65,7 +66,7 @@ class _RankStreams(IterableDataset):
         streams: list[int],
         num_streams: int,
         states: dict[str, dict],
-        files: LocalFiles | None,
+        files: LocalFiles | TokenShards | None,
         tokenizer: Tokenizer | None,
     ):
         self.data, self.window, self.streams, self.num_streams = data, window, streams, num_streams
@@ -138,7 +139,10 @@ class TrainLoader:
         self.tokenizer = build_tokenizer(data.tokenizer)
         files = checked_files(data)
         self.files = None
-        if data.source != "huggingface":
+        if data.source == "tokens":
+            self.files = TokenShards(data)
+            self._check_enough_documents()
+        elif data.source != "huggingface":
             self.files = LocalFiles(data, files, cache_size=per_rank + 2)
             self._check_enough_documents()
         self._states = {stream_key(j): StreamState(global_batch_size).to_dict() for j in self.streams}

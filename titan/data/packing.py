@@ -73,11 +73,15 @@ class PackedStream:
         if isinstance(text, BadRecord):
             self._skip(text)
             return
-        if not text.strip():
+        if isinstance(text, str):
+            tokens = self.tokenizer.encode(text, bos=True, eos=True) if text.strip() else []
+        else:  # a pre-tokenized document: its ids as they were encoded (empty for an empty document)
+            tokens = text.tolist()
+        if not tokens:
             self.skipped += 1
             return
         self._epoch_has_text = True
-        self._tokens = self._tokens[self._start :] + self.tokenizer.encode(text, bos=True, eos=True)
+        self._tokens = self._tokens[self._start :] + tokens
         self._start = 0
 
     def _skip(self, bad: BadRecord) -> None:
