@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from tests.checkpoint.common import names
-from tests.launch.test_launch import SMALL, launch, metrics
+from tests.launch.test_launch import REPO, SMALL, launch, metrics
 from titan.checkpoint.format import OWNER_FILE
 from titan.config.errors import ConfigError
 from titan.launch.identity import run_name, run_name_problem
@@ -327,3 +327,24 @@ def test_lost_or_shared_checkpoint_folders_through_launch_py(tmp_path):
     assert "from step 0" in again.stderr and [m["step"] for m in metrics(first)] == [
         m["step"] for m in logged
     ]
+
+
+@pytest.mark.slow
+def test_a_relative_and_an_absolute_data_path_are_one_run(tmp_path):
+    """The saved config holds data.path and data.tokenizer absolute; the run name and the resume
+    comparison use them so, whichever way they were spelled."""
+    relative = "titan/assets/c4_test/c4-train.00000-of-00001.json"  # from the repository, where launch runs
+    tokenizer = "titan/assets/tokenizers/titan_debug.tiktoken"
+    spelled = [f"data.path={relative}", f"data.tokenizer=./{tokenizer}", "optimizer.schedule=constant"]
+    launch(*ONE_RANK, "data=jsonl", *spelled, "training.steps=2", root=tmp_path)
+    (run_dir,) = tmp_path.glob("*/*")
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]
+    assert (saved["path"], saved["tokenizer"]) == (str(REPO / relative), str(REPO / tokenizer))
+    absolute = [
+        f"data.path={REPO / relative}",
+        f"data.tokenizer={REPO / tokenizer}",
+        "optimizer.schedule=constant",
+    ]
+    again = launch(*ONE_RANK, "data=jsonl", *absolute, "training.steps=4", root=tmp_path)
+    assert "resuming from step 2" in again.stderr, again.stderr
+    assert list(tmp_path.glob("*/*")) == [run_dir]

@@ -8,6 +8,7 @@ another layout or with another checkpoint setting, and layouts agree within the 
 
 import hashlib
 import json
+import os
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -56,6 +57,25 @@ NEVER_NAMED = (
 )
 
 
+# Files named by the config: a run's identity holds them as absolute paths, so `data.path=shard.json`
+# and `data.path=/abs/shard.json` launched from the same folder are one run. data.path is a dataset
+# name, not a path, for the huggingface source.
+PATH_KEYS = ("data.path", "data.tokenizer")
+
+
+def absolute_path_value(key: str, value: Any, source: Any) -> Any:
+    """`value` of `key` as an absolute path (`~` expanded), when it is a path; else unchanged."""
+    is_path = key in PATH_KEYS and not (key == "data.path" and source == "huggingface")
+    if not is_path or not isinstance(value, str) or value in ("", "???") or "${" in value:
+        return value  # unset, or an interpolation resolved later (the bundled assets are absolute)
+    return os.path.abspath(os.path.expanduser(value))
+
+
+def with_absolute_paths(flat_config: dict[str, Any]) -> dict[str, Any]:
+    source = flat_config.get("data.source")
+    return {k: absolute_path_value(k, v, source) for k, v in flat_config.items()}
+
+
 def _matches(key: str, patterns: Iterable[str]) -> bool:
     return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
 
@@ -65,8 +85,8 @@ def is_identity_key(key: str) -> bool:
 
 
 def identity_of(flat_config: dict[str, Any]) -> dict[str, Any]:
-    """The identity keys of a flattened config, with their values."""
-    return {k: v for k, v in sorted(flat_config.items()) if is_identity_key(k)}
+    """The identity keys of a flattened config, with their values (paths made absolute)."""
+    return {k: v for k, v in sorted(with_absolute_paths(flat_config).items()) if is_identity_key(k)}
 
 
 def _override_key(override: str) -> str:

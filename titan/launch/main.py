@@ -16,13 +16,14 @@ import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from titan.config.errors import ConfigError
 from titan.launch import jobstate, resolvers
 from titan.launch.build import build_run_config, describe_config_error
 from titan.launch.extend import check_lr_continues, is_complete
+from titan.launch.identity import PATH_KEYS, absolute_path_value
 from titan.launch.lock import RunDirInUse, hold
 from titan.launch.rundir import ResumeRefused, check_resume, write_provenance, writing
 from titan.launch.safety import check_config_files, check_overrides, config_dirs
@@ -135,8 +136,21 @@ def hydra_record(cfg: DictConfig) -> dict[str, str]:
     }
 
 
+def absolute_data_paths(cfg: DictConfig) -> None:
+    """data.path and data.tokenizer as absolute paths in the config that is built, saved and compared on
+    resume (the run name already hashes them so: identity.py)."""
+    source = OmegaConf.select(cfg, "data.source")
+    with open_dict(cfg):
+        for key in PATH_KEYS:
+            value = OmegaConf.select(cfg, key, throw_on_missing=False)
+            absolute = absolute_path_value(key, value, source)
+            if absolute != value:
+                OmegaConf.update(cfg, key, absolute, merge=False)
+
+
 def launch(cfg: DictConfig) -> float | SubmittedJob | None:
     hydra_cfg = HydraConfig.get()
+    absolute_data_paths(cfg)
     run_cfg = build_run_config(cfg)
     run_dir = Path(hydra_cfg.runtime.output_dir)
     run_cfg = dataclasses.replace(run_cfg, run=dataclasses.replace(run_cfg.run, dir=str(run_dir)))

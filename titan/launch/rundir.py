@@ -29,7 +29,7 @@ from titan.config.errors import ConfigError
 from titan.config.plain import flatten, to_plain
 from titan.config.schema import RunConfig
 from titan.files import write_atomic
-from titan.launch.identity import is_identity_key
+from titan.launch.identity import is_identity_key, with_absolute_paths
 from titan.launch.report import read_metrics
 from titan.launch.safety import SECRET_NAME
 
@@ -54,7 +54,7 @@ def config_changes(saved: dict, new: dict) -> list[tuple[str, object, object]]:
     value is the key's default, so adding a key never blocks resuming an older run. `hydra.*` (the
     saved config's own run dir pattern) is not part of the run.
     """
-    a, b = flatten(saved), flatten(new)
+    a, b = with_absolute_paths(flatten(saved)), with_absolute_paths(flatten(new))
     changes = []
     for key in sorted(a.keys() | b.keys()):
         if key.startswith("hydra.") or key.rpartition(".")[2] == "_target_" or a.get(key) == b.get(key):
