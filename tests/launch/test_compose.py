@@ -18,6 +18,7 @@ REQUIRED = {
     "data=jsonl": ["data.path=${titan_asset:c4_test/c4-train.00000-of-00001.json}"],
     "data=parquet": ["data.path=/data/shard-*.parquet"],
     "data=text": ["data.path=/data/*.txt"],
+    "data=tokens": ["data.path=/data/tokens", "data.tokenizer=/models/llama3/tokenizer.model"],
     "experiment=llama3_8b_c4": ["data.tokenizer=${titan_asset:tokenizers/titan_debug.tiktoken}"],
 }
 
