@@ -282,7 +282,7 @@ def test_data_config_options():
     def composed(option, *overrides):
         return build_run_config(compose_config([f"data={option}", *overrides])).data
 
-    assert group_options("data") == ["c4", "c4_test", "jsonl", "parquet", "text", "tokens"]
+    assert group_options("data") == ["c4", "c4_test", "jsonl", "mixture", "parquet", "text", "tokens"]
     c4 = composed("c4", f"data.tokenizer={TOKENIZER}")
     assert (c4.source, c4.path, c4.name, c4.split) == ("huggingface", "allenai/c4", "en", "train")
     with pytest.raises(ConfigError, match=r"data\.tokenizer must be set"):

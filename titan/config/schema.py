@@ -77,17 +77,39 @@ class OptimizerConfig:
 
 
 @dataclass(frozen=True)
+class SourceConfig:
+    """One source of a mixture (data.source=mixture): where its documents are, and its weight."""
+
+    name: str = "???"  # how logs, metrics and errors call it
+    weight: float = 1.0  # its share of the training tokens, relative to the other sources' weights
+    source: str = "jsonl"  # huggingface | jsonl | parquet | text | tokens
+    path: str = "???"  # hub dataset name, or a local file, directory, glob or token-shard folder
+    subset: str | None = None  # hub dataset config (data.name of a single source)
+    split: str = "train"
+    text_field: str = "text"
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    source: str = "jsonl"  # huggingface | jsonl | parquet | text
-    path: str = "???"  # hub dataset name, or a local file, directory or glob
+    source: str = "jsonl"  # huggingface | jsonl | parquet | text | tokens | mixture
+    path: str = "???"  # hub dataset name, or a local file, directory or glob; unused by a mixture
     name: str | None = None  # hub dataset config (c4: "en")
     split: str = "train"
     text_field: str = "text"
-    tokenizer: str = "???"  # a tiktoken `tokenizer.model`, a sentencepiece `.model`, a tokenizer.json (or its folder)
+    tokenizer: str = (
+        "???"  # a tiktoken `tokenizer.model`, a sentencepiece `.model`, a tokenizer.json (or its folder)
+    )
     num_workers: int = 0  # loader processes per rank
     # raise | skip: a record with no text (bad JSON or UTF-8, no text field) stops the run, or is
     # passed over and counted in the loader state
     on_bad_record: str = "raise"
+    # data.source=mixture: the sources, and which one each training window comes from, drawn with their
+    # weights by a counter-based generator seeded with mix_seed (titan/data/mixture.py)
+    sources: tuple[SourceConfig, ...] = ()
+    mix_seed: int = 0
+    # mixture: a source whose documents run out in a sequence slot starts again (wrap: an epoch,
+    # logged) or stops the run (stop)
+    on_source_end: str = "wrap"
 
 
 @dataclass(frozen=True)

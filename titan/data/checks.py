@@ -22,6 +22,7 @@ from titan.data.formats import (
     parquet_column,
     parquet_text,
 )
+from titan.data.mixture import check_mixture, source_data
 from titan.data.token_shards import TokenShards
 from titan.data.tokenizer import (
     LLAMA3_BASE_TOKENS,
@@ -55,6 +56,13 @@ def num_workers_problem(num_workers: int, global_batch_size: int, dp_degree: int
 def check_choices(data: DataConfig) -> None:
     if data.source not in SOURCES:
         raise ValueError(f"data.source={data.source!r} is not one of {', '.join(SOURCES)}")
+    if data.source == "mixture":
+        check_mixture(data)
+        for source in data.sources:
+            try:
+                check_choices(source_data(data, source))
+            except ValueError as e:
+                raise ValueError(f"data.sources {source.name!r}: {e}") from None
     if data.on_bad_record not in BAD_RECORD_POLICIES:
         raise ValueError(
             f"data.on_bad_record={data.on_bad_record!r} is not one of {', '.join(BAD_RECORD_POLICIES)}"
@@ -112,7 +120,16 @@ def vocab_warning(tokenizer: Tokenizer, path: str, model_vocab_size: int) -> str
 
 
 def checked_files(data: DataConfig) -> list[Path]:
-    """The local files of data.path, each checked by its first records; [] for the huggingface source."""
+    """The local files of data.path, each checked by its first records; [] for the huggingface source.
+    A mixture's sources are each checked so; it returns them all."""
+    if data.source == "mixture":
+        files = []
+        for source in data.sources:
+            try:
+                files += checked_files(source_data(data, source))
+            except ValueError as e:
+                raise ValueError(f"data.sources {source.name!r}: {e}") from None
+        return files
     if data.source == "huggingface":
         if data.path in ("", "???"):
             raise ValueError("data.path is not set: give a Hugging Face dataset name (e.g. allenai/c4)")

@@ -22,9 +22,9 @@ from titan.data.formats import BadRecord
 from titan.data.records import LocalFiles
 from titan.data.token_shards import TokenShards
 
-# The values of data.source: the Hub (streamed by `datasets`), local files of one format, or a folder of
-# pre-tokenized shards (token_shards.py).
-SOURCES = ("huggingface", "jsonl", "parquet", "text", "tokens")
+# The values of data.source: the Hub (streamed by `datasets`), local files of one format, a folder of
+# pre-tokenized shards (token_shards.py), or a weighted mixture of these (mixture.py).
+SOURCES = ("huggingface", "jsonl", "parquet", "text", "tokens", "mixture")
 
 
 class Documents(ABC):

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from titan.config.schema import DataConfig
 from titan.data.checks import check_choices, checked_files, num_workers_problem
 from titan.data.documents import stream_documents
+from titan.data.mixture import MixedStream, mixture_state, source_data
 from titan.data.packing import PackedStream
 from titan.data.records import LocalFiles
 from titan.data.stream_state import StreamState
@@ -66,7 +67,7 @@ class _RankStreams(IterableDataset):
         streams: list[int],
         num_streams: int,
         states: dict[str, dict],
-        files: LocalFiles | TokenShards | None,
+        files: LocalFiles | TokenShards | dict[str, LocalFiles | TokenShards | None] | None,
         tokenizer: Tokenizer | None,
     ):
         self.data, self.window, self.streams, self.num_streams = data, window, streams, num_streams
@@ -85,16 +86,7 @@ class _RankStreams(IterableDataset):
         # A worker opens its own files: copy.copy goes through LocalFiles.__getstate__, which leaves
         # out the parent's open handles and caches (pyarrow's readers are not to be shared by fork).
         files = copy.copy(self.files) if info is not None else self.files
-        packed = [
-            PackedStream(
-                stream_documents(self.data, files, j, self.num_streams),
-                tokenizer,
-                self.window,
-                StreamState.from_dict(self.states[stream_key(j)]),
-                self.data.on_bad_record,
-            )
-            for j in block
-        ]
+        packed = [self._stream(j, files, tokenizer) for j in block]
         while True:
             try:
                 rows = [stream.next_window() for stream in packed]
@@ -103,8 +95,26 @@ class _RankStreams(IterableDataset):
                     raise
                 yield _WorkerError(e)
                 return
-            states = {stream_key(j): stream.state().to_dict() for j, stream in zip(block, packed)}
+            states = {stream_key(j): stream.state_dict() for j, stream in zip(block, packed)}
             yield torch.from_numpy(np.array(rows, dtype=np.int64)), states
+
+    def _packed(self, data: DataConfig, files, j: int, state: dict, tokenizer: Tokenizer) -> PackedStream:
+        documents = stream_documents(data, files, j, self.num_streams)
+        return PackedStream(
+            documents, tokenizer, self.window, StreamState.from_dict(state), data.on_bad_record
+        )
+
+    def _stream(self, j: int, files, tokenizer: Tokenizer) -> PackedStream | MixedStream:
+        state = self.states[stream_key(j)]
+        if self.data.source != "mixture":
+            return self._packed(self.data, files, j, state, tokenizer)
+        packed = {
+            s.name: self._packed(
+                source_data(self.data, s), copy.copy(files[s.name]), j, state["sources"][s.name], tokenizer
+            )
+            for s in self.data.sources
+        }
+        return MixedStream(self.data, j, packed, state)
 
 
 def _as_is(item: Any) -> Any:
@@ -137,27 +147,37 @@ class TrainLoader:
         self.data, self.seq_len, self.global_batch_size = data, seq_len, global_batch_size
         self.streams = list(range(dp_rank * per_rank, (dp_rank + 1) * per_rank))
         self.tokenizer = build_tokenizer(data.tokenizer)
-        files = checked_files(data)
-        self.files = None
-        if data.source == "tokens":
-            self.files = TokenShards(data)
-            self._check_enough_documents()
-        elif data.source != "huggingface":
-            self.files = LocalFiles(data, files, cache_size=per_rank + 2)
-            self._check_enough_documents()
-        self._states = {stream_key(j): StreamState(global_batch_size).to_dict() for j in self.streams}
+        checked_files(data)
+        if data.source == "mixture":
+            names = [s.name for s in data.sources]
+            self.files = {s.name: self._source_files(source_data(data, s), per_rank) for s in data.sources}
+            self._states = {stream_key(j): mixture_state(global_batch_size, names) for j in self.streams}
+        else:
+            self.files = self._source_files(data, per_rank)
+            self._states = {stream_key(j): StreamState(global_batch_size).to_dict() for j in self.streams}
         self._workers: Any = None  # the live DataLoader iterator, when there are workers
 
-    def _check_enough_documents(self) -> None:
+    def _source_files(self, data: DataConfig, per_rank: int) -> LocalFiles | TokenShards | None:
+        """Random access to one source's documents (None for the Hub, which streams)."""
+        if data.source == "huggingface":
+            return None
+        files = (
+            TokenShards(data)
+            if data.source == "tokens"
+            else LocalFiles(data, checked_files(data), per_rank + 2)
+        )
+        self._check_enough_documents(data, files)
+        return files
+
+    def _check_enough_documents(self, data: DataConfig, files: LocalFiles | TokenShards) -> None:
         """Every stream must get documents. With at least one file per stream that is down to the
         files (an empty one is caught by check_data); with fewer files, count the records."""
-        files = self.files.files
-        if len(files) >= self.global_batch_size:
+        if len(files.files) >= self.global_batch_size:
             return
-        records = sum(self.files.count(f) for f in range(len(files)))
+        records = sum(files.count(f) for f in range(len(files.files)))
         if records < self.global_batch_size:
             raise ValueError(
-                f"data.path={self.data.path} has {records} documents but training.global_batch_size="
+                f"data.path={data.path} has {records} documents but training.global_batch_size="
                 f"{self.global_batch_size} needs at least one per sequence slot; add data or lower "
                 "training.global_batch_size"
             )
@@ -182,11 +202,39 @@ class TrainLoader:
                     "sequence slot would differ; resume with the same global batch size"
                 )
         try:
-            states = {key: StreamState.from_dict(state[key]).to_dict() for key in self._states}
+            states = {key: self._checked_state(state[key]) for key in self._states}
         except TypeError as e:
             raise ValueError(f"the data-loader state is not a stream state ({e})") from None
         self.close()
         self._states = copy.deepcopy(states)
+
+    def _checked_state(self, state: dict) -> dict:
+        if self.data.source != "mixture":
+            if "sources" in state:
+                raise ValueError("the data-loader state is a mixture's, but data.source is not mixture")
+            return StreamState.from_dict(state).to_dict()
+        names = [s.name for s in self.data.sources]
+        saved = sorted(state.get("sources", {}))
+        if saved != sorted(names):
+            raise ValueError(
+                f"the data-loader state is of a mixture of {saved or 'one source'}, not of data.sources "
+                f"{sorted(names)}: resume with the same sources (a new mixture is a new run)"
+            )
+        return {
+            **state,
+            "sources": {n: StreamState.from_dict(state["sources"][n]).to_dict() for n in names},
+        }
+
+    def source_windows(self) -> dict[str, int]:
+        """Windows (each seq_len + 1 tokens) each source of a mixture gave this rank's sequence slots so
+        far, resumed runs included; {} for a single source."""
+        if self.data.source != "mixture":
+            return {}
+        totals = {s.name: 0 for s in self.data.sources}
+        for state in self._states.values():
+            for name, n in state["windows"].items():
+                totals[name] += n
+        return totals
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One item per optimizer step: (inputs, labels), each int64 [global_batch_size // dp_degree,

@@ -95,6 +95,9 @@ class PackedStream:
                 self.documents.describe(),
             )
 
+    def state_dict(self) -> dict[str, Any]:
+        return self.state().to_dict()
+
     def state(self) -> StreamState:
         return StreamState(
             num_streams=self.num_streams,

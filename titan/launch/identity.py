@@ -22,6 +22,8 @@ IDENTITY_KEYS = (
     "data.split",
     "data.text_field",
     "data.tokenizer",
+    "data.sources",
+    "data.mix_seed",
     "optimizer.",
     "training.seed",
     "training.global_batch_size",
@@ -73,7 +75,15 @@ def absolute_path_value(key: str, value: Any, source: Any) -> Any:
 
 def with_absolute_paths(flat_config: dict[str, Any]) -> dict[str, Any]:
     source = flat_config.get("data.source")
-    return {k: absolute_path_value(k, v, source) for k, v in flat_config.items()}
+    out = {k: absolute_path_value(k, v, source) for k, v in flat_config.items()}
+    if isinstance(out.get("data.sources"), list):  # a mixture's sources: each path as a single source's
+        out["data.sources"] = [
+            {**s, "path": absolute_path_value("data.path", s.get("path"), s.get("source"))}
+            if isinstance(s, dict)
+            else s
+            for s in out["data.sources"]
+        ]
+    return out
 
 
 def _matches(key: str, patterns: Iterable[str]) -> bool:

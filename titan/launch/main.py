@@ -146,6 +146,10 @@ def absolute_data_paths(cfg: DictConfig) -> None:
             absolute = absolute_path_value(key, value, source)
             if absolute != value:
                 OmegaConf.update(cfg, key, absolute, merge=False)
+        for source in OmegaConf.select(cfg, "data.sources") or []:
+            absolute = absolute_path_value("data.path", source.path, source.source)
+            if absolute != source.path:
+                source.path = absolute
 
 
 def launch(cfg: DictConfig) -> float | SubmittedJob | None:
