@@ -39,7 +39,14 @@ class TrainingConfig:
     # between those steps the host never waits for the device. Keep it x step time << signal_delay_s / 2.
     control_every: int = 10
     float8: str = "none"  # none | tensorwise | rowwise: torchao Float8 matmuls (CUDA SM 8.9+; CPU for tests)
-    # chunked: the fp32 logits of one chunk of tokens at a time, never the whole batch's | full | liger (CUDA)
+    # Every collective (the default group and each mesh subgroup) fails after this long; the first step
+    # (compilation, first all-gathers) gets first_step_timeout_s. The Flight Recorder keeps each rank's
+    # last flight_recorder_entries collectives (0: off) and dumps them into <run dir>/flight_recorder on
+    # a timeout (titan/distributed/flight_recorder.py).
+    collective_timeout_s: float = 600.0
+    first_step_timeout_s: float = 1800.0
+    flight_recorder_entries: int = 2000
+    # chunked: the fp32 logits of one chunk of tokens at a time, never the whole batch's | full (titan/train/loss.py)
     cross_entropy: str = "chunked"
 
 
