@@ -69,3 +69,49 @@ def test_cli_writes_the_table_and_one_curve_per_run(sweep, capsys):
     assert [len(line.get_xdata()) for line in fig.axes[0].get_lines()] == [3, 2, 1]
     (sweep / "empty").mkdir()
     assert report_tool.main([str(sweep / "empty"), "--no-plot"]) == 1
+
+
+def test_the_plot_marks_logged_points_draws_validation_and_titles_the_common_overrides(tmp_path):
+    run_dir = tmp_path / "r"
+    make_run(run_dir, ["optimizer.lr=1e-3", "training.steps=4"], [], steps=4)
+    records = [
+        {"step": 1, "loss": 3.0},
+        {"step": 2, "loss": 2.5, "tokens_per_second": 10.0, "val_loss": 2.7},
+        {"step": 3, "loss": 2.2},
+        {"step": 4, "loss": 2.0, "tokens_per_second": 10.0, "val_loss": 2.1},
+    ]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    make_run(tmp_path / "s", ["optimizer.lr=1e-3", "training.steps=4"], [3.0, 2.9], steps=4)
+    fig = report.plot(report.report(tmp_path), tmp_path / "p.png")
+    (curves,) = fig.axes  # no swept key: no sweep panel
+    every, marked, validation = (line for line in curves.get_lines()[:3])
+    assert list(every.get_xdata()) == [1, 2, 3, 4] and list(marked.get_xdata()) == [2, 4]
+    assert list(validation.get_ydata()) == [2.7, 2.1] and "(validation)" in validation.get_label()
+    assert fig._suptitle.get_text() == "optimizer.lr=1e-3 training.steps=4"
+
+
+def test_a_one_key_sweep_plots_final_and_best_loss_against_the_value(sweep):
+    fig = report.plot(report.report(sweep), sweep / "p.png")
+    panel = fig.axes[1]
+    final, best = panel.get_lines()
+    assert list(final.get_xdata()) == [1e-3, 3e-3, 1e-2] and panel.get_xscale() == "log"
+    assert list(final.get_ydata()) == [2.5, 1.5, 9.0] and list(best.get_ydata()) == [2.0, 1.5, 9.0]
+    assert panel.get_xlabel() == "optimizer.lr"
+
+
+def test_a_two_key_sweep_is_a_heatmap_of_the_best_loss(tmp_path):
+    for lr, best in (("1e-3", 2.0), ("3e-3", 1.5)):
+        for batch, offset in (("8", 0.0), ("16", 0.25)):
+            make_run(
+                tmp_path / f"{lr}-{batch}",
+                [f"optimizer.lr={lr}", f"training.global_batch_size={batch}"],
+                [3.0, best + offset],
+                steps=2,
+            )
+    fig = report.plot(report.report(tmp_path), tmp_path / "p.png")
+    heatmap = fig.axes[1].get_images()[0].get_array()
+    assert heatmap.tolist() == [[2.0, 2.25], [1.5, 1.75]]  # rows: lr 1e-3, 3e-3; columns: batch 8, 16
+    assert (
+        fig.axes[1].get_ylabel() == "optimizer.lr"
+        and fig.axes[1].get_xlabel() == "training.global_batch_size"
+    )

@@ -96,6 +96,9 @@ def summarize(run_dir: Path, root: Path, slurm: dict[str, str]) -> dict:
         "job": state.job_id,
         "reason": state.reason,
         "losses": [(r["step"], r["loss"]) for r in records if "loss" in r],
+        # The points a log line printed (throughput and all): marked on the curve of every step's loss.
+        "logged": [(r["step"], r["loss"]) for r in records if "loss" in r and "tokens_per_second" in r],
+        "val_losses": [(r["step"], r["val_loss"]) for r in records if "val_loss" in r],
     }
 
 
@@ -160,25 +163,128 @@ def render(rows: list[dict], fmt: str) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path):
-    """Every run's loss curve on one set of axes, labelled by its overrides; returns the figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on a login node
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(10, 6))
-    common = common_overrides(rows)
+def swept(rows: list[dict]) -> dict[str, list[str]]:
+    """The override keys whose values differ between the runs, with their values in order of first use."""
+    values: dict[str, list[str]] = {}
     for r in rows:
-        if r["losses"]:
-            steps, losses = zip(*r["losses"])
-            label = " ".join(o for o in r["overrides"] if o not in common) or r["run"]
-            ax.plot(steps, losses, label=f"{label[:80]} [{r['state']}]")
+        for o in r["overrides"]:
+            key, _, value = o.lstrip("+~").partition("=")
+            values.setdefault(key, [])
+            if value not in values[key]:
+                values[key].append(value)
+    keys = {k for k, v in values.items() if len(v) > 1 or any(k not in _keys(r) for r in rows)}
+    return {k: _sorted_values(values[k]) for k in values if k in keys}
+
+
+def _keys(row: dict) -> set[str]:
+    return {o.lstrip("+~").partition("=")[0] for o in row["overrides"]}
+
+
+def _number(value: str) -> float | None:
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def _sorted_values(values: list[str]) -> list[str]:
+    numbers = [_number(v) for v in values]
+    return [v for _, v in sorted(zip(numbers, values))] if None not in numbers else values
+
+
+def _value(row: dict, key: str) -> str | None:
+    return next(
+        (o.partition("=")[2] for o in row["overrides"] if o.lstrip("+~").partition("=")[0] == key), None
+    )
+
+
+def _final(row: dict) -> float | None:
+    return row["losses"][-1][1] if row["losses"] else None
+
+
+def _draw_curves(ax, rows: list[dict], common: list[str]) -> None:
+    for r in rows:
+        if not r["losses"]:
+            continue
+        steps, losses = zip(*r["losses"])
+        label = " ".join(o for o in r["overrides"] if o not in common) or r["run"]
+        (line,) = ax.plot(steps, losses, linewidth=1, label=f"{label[:80]} [{r['state']}]")
+        if r["logged"]:
+            ax.plot(*zip(*r["logged"]), "o", markersize=3, color=line.get_color())
+        if r["val_losses"]:
+            ax.plot(
+                *zip(*r["val_losses"]),
+                "s--",
+                markersize=4,
+                color=line.get_color(),
+                label=f"{label[:60]} (validation)",
+            )
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats)")
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=7)
+
+
+def _draw_sweep(ax, rows: list[dict], keys: dict[str, list[str]]) -> None:
+    """1 swept key: final and best loss against its values; 2: a heatmap of the best loss."""
+    names = list(keys)
+    if len(names) == 1:
+        (key,) = names
+        values = keys[key]
+        numeric = all(_number(v) is not None for v in values)
+        x = [_number(v) for v in values] if numeric else list(range(len(values)))
+        by_value = {_value(r, key): r for r in rows}
+        for label, of in (("final loss", _final), ("best loss", lambda r: r["best_loss"])):
+            y = [
+                of(by_value[v]) if v in by_value and of(by_value[v]) is not None else float("nan")
+                for v in values
+            ]
+            ax.plot(x, y, "o-", label=label)
+        if numeric and min(x) > 0 and max(x) / min(x) >= 10:
+            ax.set_xscale("log")
+        if not numeric:
+            ax.set_xticks(x, values, rotation=30, fontsize=7)
+        ax.set_xlabel(key)
+        ax.set_ylabel("loss (nats)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        return
+    rows_key, cols_key = names
+    grid = [[float("nan")] * len(keys[cols_key]) for _ in keys[rows_key]]
+    for r in rows:
+        i, j = _value(r, rows_key), _value(r, cols_key)
+        if i in keys[rows_key] and j in keys[cols_key] and r["best_loss"] is not None:
+            grid[keys[rows_key].index(i)][keys[cols_key].index(j)] = r["best_loss"]
+    image = ax.imshow(grid, cmap="viridis_r", aspect="auto")
+    for i, line in enumerate(grid):
+        for j, value in enumerate(line):
+            if value == value:  # not NaN
+                ax.text(j, i, f"{value:.3f}", ha="center", va="center", fontsize=7, color="w")
+    ax.set_xticks(range(len(keys[cols_key])), keys[cols_key], fontsize=7)
+    ax.set_yticks(range(len(keys[rows_key])), keys[rows_key], fontsize=7)
+    ax.set_xlabel(cols_key)
+    ax.set_ylabel(rows_key)
+    ax.figure.colorbar(image, ax=ax, label="best loss")
+
+
+def plot(rows: list[dict], path: Path):
+    """Every run's loss at every step (markers at the logged points, validation dashed), titled with the
+    overrides all runs share; beside it, for a sweep of one or two keys, the losses against the swept
+    values (a line, or a heatmap of the best loss). Returns the figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a login node
+    import matplotlib.pyplot as plt
+
+    common = common_overrides(rows)
+    keys = swept(rows) if len(rows) > 1 else {}
+    panels = 2 if 1 <= len(keys) <= 2 else 1
+    fig, axes = plt.subplots(1, panels, figsize=(10 + 6 * (panels - 1), 6), squeeze=False)
+    _draw_curves(axes[0][0], rows, common)
+    if panels == 2:
+        _draw_sweep(axes[0][1], rows, keys)
+    fig.suptitle(" ".join(common) or (rows[0]["run"] if len(rows) == 1 else "runs"), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
