@@ -12,7 +12,7 @@ from tests.checkpoint.common import names
 from tests.launch.test_launch import REPO, SMALL, launch, metrics
 from titan.checkpoint.format import OWNER_FILE
 from titan.config.errors import ConfigError
-from titan.launch.identity import run_name, run_name_problem
+from titan.launch.identity import identity_of, run_name, run_name_problem
 from titan.launch.rundir import (
     ResumeRefused,
     check_resume,
@@ -348,3 +348,20 @@ def test_a_relative_and_an_absolute_data_path_are_one_run(tmp_path):
     again = launch(*ONE_RANK, "data=jsonl", *absolute, "training.steps=4", root=tmp_path)
     assert "resuming from step 2" in again.stderr, again.stderr
     assert list(tmp_path.glob("*/*")) == [run_dir]
+
+
+def test_keys_added_at_their_default_leave_the_run_name_as_it_was():
+    """data.sources and data.mix_seed (mixtures) joined the identity later: at their defaults they are
+    left out, so a run launched before keeps its directory; a mixture is named by its sources."""
+    before = {"data.source": "jsonl", "data.path": "/d.jsonl", "optimizer.lr": 0.1}
+    now = {**before, "data.sources": [], "data.mix_seed": 0, "data.on_source_end": "wrap"}
+    assert identity_of(now) == identity_of(before)
+    assert run_name([], identity_of(now), [], in_sweep=False) == run_name(
+        [], identity_of(before), [], in_sweep=False
+    )
+    mixture = {
+        **now,
+        "data.source": "mixture",
+        "data.sources": [{"name": "a", "path": "/a.jsonl", "source": "jsonl"}],
+    }
+    assert identity_of(mixture)["data.sources"] == mixture["data.sources"]

@@ -31,6 +31,9 @@ IDENTITY_KEYS = (
     "training.max_norm",
 )
 IDENTITY_GROUPS = ("model", "data", "optimizer")
+# Identity keys added since runs were first named, at the value that means "as before": left out of
+# the hash, so that adding one never renames (and so never fails to resume) an existing run.
+ADDED_IDENTITY_DEFAULTS = {"data.sources": [], "data.mix_seed": 0}
 # In a sweep, every point is its own run even where only its layout differs (the layouts sweep):
 # points are named by all their overrides but these, which say where and how a job is watched and
 # scheduled.
@@ -96,7 +99,11 @@ def is_identity_key(key: str) -> bool:
 
 def identity_of(flat_config: dict[str, Any]) -> dict[str, Any]:
     """The identity keys of a flattened config, with their values (paths made absolute)."""
-    return {k: v for k, v in sorted(with_absolute_paths(flat_config).items()) if is_identity_key(k)}
+    return {
+        k: v
+        for k, v in sorted(with_absolute_paths(flat_config).items())
+        if is_identity_key(k) and not (k in ADDED_IDENTITY_DEFAULTS and v == ADDED_IDENTITY_DEFAULTS[k])
+    }
 
 
 def _override_key(override: str) -> str:
