@@ -179,6 +179,28 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class ProfilingConfig:
+    """torch.profiler traces of a window of steps, and CUDA memory snapshots (titan/train/profiling.py)."""
+
+    enable: bool = False
+    # the window, as torch.profiler.schedule: skip `wait` steps, warm up `warmup`, record `active`;
+    # `repeat` windows (0: until the run ends)
+    wait: int = 5
+    warmup: int = 1
+    active: int = 3
+    repeat: int = 1
+    folder: str = "profile"  # inside the run dir: one trace per rank and window (TensorBoard, Perfetto)
+    profile_memory: bool = True  # tensor allocations and frees in the trace
+    record_shapes: bool = True
+    with_stack: bool = False  # Python stacks: larger traces, and the memory timeline's categories
+    # CUDA only: the allocator's history, dumped after these steps and on an out-of-memory error, as
+    # pickles that https://pytorch.org/memory_viz reads (into <run dir>/<folder>/memory)
+    memory_snapshot_steps: tuple[int, ...] = ()
+    snapshot_on_oom: bool = False
+    memory_history_entries: int = 100_000
+
+
+@dataclass(frozen=True)
 class RunDirConfig:
     """Where the run directory is, and whether a run found there resumes."""
 
@@ -198,6 +220,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     run: RunDirConfig = field(default_factory=RunDirConfig)
 
