@@ -4,7 +4,8 @@ Tolerances. Attention (fp32, values of order 1 to 10): atol 1e-6 plus 1e-5 relat
 differences are at most 1.2e-6, a few ulp. CP attention does the same math as full causal SDPA over
 the same keys, but the kernel sums over key blocks of another length, masked keys enter as exact
 zeros and dK/dV are summed across ranks, so only the rounding order differs; a mask or ordering
-error is of the size of the values themselves.
+error is of the size of the values themselves (checked: plain `is_causal` or no mask in place of the
+lower-right causal bias fails the comparison).
 
 Whole model: losses and gradients within 1e-5 relative (to the largest entry of each gradient): the
 per-rank losses and gradients are summed across ranks in another order than one process sums them.
@@ -20,13 +21,15 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
+from torch.nn.attention.bias import CausalBias, CausalVariant
 
 from tests.multirank import spawn_ranks
 from titan.distributed.ac import apply_ac
 from titan.distributed.cp import ContextParallelSDPA, cp_positions, shard_sequence, unshard_sequence
 from titan.models.llama.args import ModelArgs
+from titan.models.llama.attention import repeat_kv, sdpa
 from titan.models.llama.cp import apply_cp
-from titan.models.llama.model import Transformer, repeat_kv
+from titan.models.llama.model import Transformer
 from titan.train.loss import cross_entropy_sum
 
 TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, ffn_dim=128, max_seq_len=64)
@@ -105,35 +108,74 @@ def test_wrong_local_length_and_call_order_are_refused(cp_mesh_of_one):
 # ---- multi-rank, gloo subprocesses ----
 
 
-def _repeat(kv: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """[B, kv_heads, S, D] -> [B, heads, S, D] with the model's own repeat_kv (its head order)."""
-    return repeat_kv(kv.transpose(1, 2), n_rep).transpose(1, 2)
+def _full_causal(q, k, v):
+    """The reference: one process, kv heads repeated explicitly, torch's causal SDPA."""
+    n_rep = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), is_causal=True)
 
 
-def _attention_worker(rank, cp):
-    group = dist.group.WORLD
-    for n_rep in (1, 2):  # plain multi-head, and GQA (only one copy of each kv head is gathered)
+def _cp_matches_full_causal(rank, cp, group, sdpa_fn=sdpa) -> None:
+    """ContextParallelSDPA over `group` equals full causal attention: outputs and gradients, MHA and GQA."""
+    for n_rep in (1, 2):  # plain multi-head, and GQA (k/v are gathered with their kv heads only)
         torch.manual_seed(n_rep)  # the same full tensors on every rank
         b, heads, s, d = 2, 4, SEQ_LEN, 16
         q = torch.randn(b, heads, s, d, requires_grad=True)
         k = torch.randn(b, heads // n_rep, s, d, requires_grad=True)
         v = torch.randn(b, heads // n_rep, s, d, requires_grad=True)
         grad_out = torch.randn(b, heads, s, d)
-        out = F.scaled_dot_product_attention(q, _repeat(k, n_rep), _repeat(v, n_rep), is_causal=True)
+        out = _full_causal(q, k, v)
         out.backward(grad_out)
 
         def shard(x):
             return shard_sequence(x.detach(), cp, rank, dim=2)
 
         ql, kl, vl = (shard(t).requires_grad_() for t in (q, k, v))
-        sdpa = ContextParallelSDPA(group, s, n_rep)
-        out_local = sdpa(ql, _repeat(kl, n_rep), _repeat(vl, n_rep))
+        out_local = ContextParallelSDPA(group, s, sdpa_fn)(ql, kl, vl)
         out_local.backward(shard(grad_out))
         tol = {"rtol": 1e-5, "atol": 1e-6}
         torch.testing.assert_close(out_local, shard(out), **tol, msg=f"out n_rep={n_rep}")
         torch.testing.assert_close(ql.grad, shard(q.grad), **tol, msg=f"dq n_rep={n_rep}")
         torch.testing.assert_close(kl.grad, shard(k.grad), **tol, msg=f"dk n_rep={n_rep}")
         torch.testing.assert_close(vl.grad, shard(v.grad), **tol, msg=f"dv n_rep={n_rep}")
+
+
+def _attention_worker(rank, cp):
+    _cp_matches_full_causal(rank, cp, dist.group.WORLD)
+
+
+def _lower_right_worker(rank, cp):
+    group = dist.group.WORLD
+    masks = []
+
+    def recording(q, k, v, attn_mask):
+        masks.append(attn_mask)
+        return sdpa(q, k, v, attn_mask=attn_mask)
+
+    _cp_matches_full_causal(rank, cp, group, recording)
+    # no dense mask built by titan: each call gets torch's CausalBias, which carries only the shape
+    c = SEQ_LEN // 2
+    assert [(type(m), m.variant, m.seq_len_q, m.seq_len_kv) for m in masks[:2]] == [
+        (CausalBias, CausalVariant.LOWER_RIGHT, c, c),
+        (CausalBias, CausalVariant.LOWER_RIGHT, c, 2 * c),
+    ]
+
+    def plain_is_causal(q, k, v, attn_mask):
+        return sdpa(q, k, v, is_causal=True)
+
+    def no_mask(q, k, v, attn_mask):
+        return sdpa(q, k, v)
+
+    for no_op in (plain_is_causal, no_mask):
+        with pytest.raises(AssertionError, match="out n_rep=1"):
+            _cp_matches_full_causal(rank, cp, group, no_op)
+
+
+def test_attention_of_one_rank_uses_the_lower_right_causal_bias():
+    """One rank holds chunks 0 and 1: the tail chunk's queries see the whole head chunk and their own
+    prefix. Only the lower-right causal bias gives that; the two no-ops, plain `is_causal` (upper left:
+    query i sees keys 0..i of the 2c keys) and no mask, are caught by the same check. In a forked rank:
+    a backward through the functional all-gather in this process would hang later forks."""
+    spawn_ranks(_lower_right_worker, 1)
 
 
 @pytest.mark.slow

@@ -10,11 +10,13 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 AC_MODES = ("none", "full", "layer", "op")
 
 # Ops whose outputs are kept under `ac=op`: matmuls and attention are the expensive ones to recompute;
-# everything else (norms, activations, rotary) is cheap and recomputed. The CPU flash-attention op must be
-# listed too or the policy would recompute attention on CPU.
+# everything else (norms, activations, rotary) is cheap and recomputed. Every op SDPA may run is listed: the
+# CPU flash-attention op too, or the policy would recompute attention on CPU, and the efficient-attention
+# forward that torch's lower-right causal bias (context parallelism) calls directly on CUDA.
 _SAVED_OPS = {
     torch.ops.aten.mm.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._efficient_attention_forward.default,
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,

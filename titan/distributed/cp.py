@@ -9,15 +9,17 @@ smaller than Q, and the all-gather runs on any backend, gloo included) and compu
 chunks against the keys they may see. The all-gather is autograd-aware: its backward reduce-scatters the
 gradients of the gathered K/V back to the ranks that own them.
 
-Model-agnostic: a model plugs `ContextParallelSDPA` in as its attention and takes its rotary angles at
-`cp_positions` (for Llama: models/llama/cp.py). The inputs and labels of every batch are sharded
-with `shard_sequence`.
+Model-agnostic: a model plugs `ContextParallelSDPA` in as its attention kernel, gives it its
+scaled-dot-product attention and takes its rotary angles at `cp_positions` (for Llama:
+models/llama/cp.py). The inputs and labels of every batch are sharded with `shard_sequence`.
 """
+
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed._functional_collectives import all_gather_single_autograd
+from torch.nn.attention.bias import causal_lower_right
 
 
 def _chunk_len(seq_len: int, cp: int) -> int:
@@ -57,31 +59,30 @@ def unshard_sequence(shards: torch.Tensor, cp: int, dim: int) -> torch.Tensor:
 
 
 class ContextParallelSDPA:
-    """Causal attention for a head-tail sharded sequence: a drop-in for a model's causal
-    `scaled_dot_product_attention(q, k, v)`.
+    """Causal attention for a head-tail sharded sequence: a drop-in for a model's causal attention kernel.
 
-    q, k, v: [B, heads, local_len, head_dim], this rank's tokens in local order (kv heads repeated for
-    GQA in groups of `n_rep`: head h holds kv head h // n_rep). Returns the attention output for the
-    local queries.
+    q: [B, heads, local_len, head_dim], k, v: [B, kv_heads, local_len, head_dim], this rank's tokens in
+    local order (kv_heads divides heads: grouped-query attention). Returns the attention output for the
+    local queries. `sdpa(q, k, v, attn_mask=...)` is the model's scaled-dot-product attention, which takes
+    k/v with fewer heads than q and a torch.nn.attention.bias.CausalBias as attn_mask (for Llama:
+    models/llama/attention.py `sdpa`).
     """
 
-    def __init__(self, group: dist.ProcessGroup, seq_len: int, n_rep: int = 1, device=None):
-        self.group, self.n_rep = group, n_rep
+    def __init__(self, group: dist.ProcessGroup, seq_len: int, sdpa: Callable[..., torch.Tensor]):
+        self.group, self.sdpa = group, sdpa
         self.cp, rank = dist.get_world_size(group), dist.get_rank(group)
         self.chunk_len = _chunk_len(seq_len, self.cp)
         self.seq_len = seq_len
-        # Global chunk index of each local half. Each half attends to the keys of chunks 0..j only; the
-        # causal mask on those is "lower right": query i of chunk j sees keys up to j*chunk_len + i. The
-        # masks depend only on the shape, so they are built once and shared by every layer (SDPA saves
-        # its mask for backward: one copy, not one per layer). Cost: (2*cp+1)*c^2 bools per rank, 21 MB at
-        # seq_len 8192 and cp 2, 1.1 GB at 131072 and cp 8; on CUDA a dense mask also rules out the flash
-        # kernel (the memory-efficient one takes masks).
+        # Global chunk index of each local half. The half of chunk j attends to the keys of chunks 0..j
+        # only, and its query i sees keys up to j*chunk_len + i: causal with the diagonal ending in the
+        # bottom-right corner ("lower right"), over that prefix of the gathered keys. torch's CausalBias
+        # carries only the shape: on CUDA it runs flash with is_causal (for flash that is lower right) or
+        # the memory-efficient kernel with its lower-right mask type; only where neither runs (CPU) does
+        # torch materialize the mask. Built once here: a CausalBias cannot be constructed inside
+        # torch.compile or a dispatch mode.
         self.chunks = (rank, 2 * self.cp - 1 - rank)
         c = self.chunk_len
-        self.masks = [
-            torch.ones(c, (j + 1) * c, dtype=torch.bool, device=device).tril(diagonal=j * c)
-            for j in self.chunks
-        ]
+        self.biases = [causal_lower_right(c, (j + 1) * c) for j in self.chunks]
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if q.shape[2] != 2 * self.chunk_len:
@@ -90,30 +91,19 @@ class ContextParallelSDPA:
                 f"({2 * self.chunk_len} per cp rank), but got {q.shape[2]} local tokens; "
                 "shard batches of training.seq_len tokens with shard_sequence"
             )
-        # Gather one copy of each kv head, not the GQA repeats: n_rep times less traffic. Head h of the
-        # repeated tensor is kv head h // n_rep, so every n_rep-th head is one of each. Re-expanded after
-        # the gather; the expand's backward sums the gradients of all query heads that share a kv head.
-        kv = torch.stack([k[:, :: self.n_rep], v[:, :: self.n_rep]])  # [2, B, kv_heads, local, D]
+        # Gathered with their kv heads, not the GQA repeats: n_rep times less traffic; the kernel (sdpa)
+        # repeats them after the gather only where its backend cannot take them as they are.
+        kv = torch.stack([k, v])  # [2, B, kv_heads, local, D]
         kv = unshard_sequence(all_gather_single_autograd(kv, 3, self.group), self.cp, dim=3)
-        k_all, v_all = (_repeat_heads(t, self.n_rep) for t in kv.unbind(0))
+        k_all, v_all = kv.unbind(0)
         c = self.chunk_len
         outs = []
         # One SDPA per local chunk, against only the keys it may see: (2*cp+1)*c^2 scores per rank instead
         # of 4*cp*c^2 for all local queries against all keys.
-        for half, (j, mask) in enumerate(zip(self.chunks, self.masks)):
-            q_half = q.narrow(2, half * c, c)
+        for half, (j, bias) in enumerate(zip(self.chunks, self.biases)):
             visible = (j + 1) * c
+            q_half = q.narrow(2, half * c, c)
             outs.append(
-                F.scaled_dot_product_attention(
-                    q_half, k_all.narrow(2, 0, visible), v_all.narrow(2, 0, visible), attn_mask=mask
-                )
+                self.sdpa(q_half, k_all.narrow(2, 0, visible), v_all.narrow(2, 0, visible), attn_mask=bias)
             )
         return torch.cat(outs, dim=2)
-
-
-def _repeat_heads(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """[B, kv_heads, S, D] -> [B, kv_heads * n_rep, S, D], in GQA's order (head h reads kv head h // n_rep)."""
-    if n_rep == 1:
-        return x
-    b, kv_heads, s, d = x.shape
-    return x[:, :, None].expand(b, kv_heads, n_rep, s, d).reshape(b, kv_heads * n_rep, s, d)

@@ -11,6 +11,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from titan.distributed.cp import ContextParallelSDPA, cp_positions
+from titan.models.llama.attention import sdpa
 from titan.models.llama.model import Attention, Transformer, rope_cache
 
 
@@ -18,7 +19,7 @@ def apply_cp(model: nn.Module, cp_mesh: DeviceMesh, seq_len: int) -> None:
     """Make `model` attend across the cp group, and take its rotary angles at this rank's global positions.
 
     Finds the Transformer and its Attention modules wherever they sit (inside activation-checkpoint or
-    torch.compile wrappers). Replaces each `attention.sdpa` and the `rope_cache` buffer; the model's
+    torch.compile wrappers). Replaces each `attention.kernel` and the `rope_cache` buffer; the model's
     `rope_cache[:local_len]` then is exactly this rank's rows. Idempotent: both are rebuilt from scratch.
     """
     transformers = [m for m in model.modules() if isinstance(m, Transformer)]
@@ -38,10 +39,8 @@ def apply_cp(model: nn.Module, cp_mesh: DeviceMesh, seq_len: int) -> None:
     # Rebuilt from the model's args rather than indexed out of the current buffer, so a second call (or a
     # call before init_rope) gives the same table: row i holds the angles of global position positions[i].
     transformer.rope_cache = rope_cache(transformer.args)[positions].to(device, transformer.rope_cache.dtype)
-    group = cp_mesh.get_group()
-    sdpa_by_rep: dict[int, ContextParallelSDPA] = {}
+    # One kernel for every layer: it holds only the shapes of its causal biases.
+    kernel = ContextParallelSDPA(cp_mesh.get_group(), seq_len, sdpa)
     for module in model.modules():
         if isinstance(module, Attention):
-            if module.n_rep not in sdpa_by_rep:
-                sdpa_by_rep[module.n_rep] = ContextParallelSDPA(group, seq_len, module.n_rep, device)
-            module.sdpa = sdpa_by_rep[module.n_rep]
+            module.kernel = kernel

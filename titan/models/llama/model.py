@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from titan.models.llama.args import ModelArgs
+from titan.models.llama.attention import AttentionKernel, causal
 
 # Weight init: normal(0, 0.02) for every embedding and linear weight (GPT-2, Megatron-LM); the two
 # projections that write into the residual stream (wo, w2) use 0.02/sqrt(2*n_layers): GPT-2
@@ -84,26 +85,12 @@ def apply_rotary_emb(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     return out.flatten(-2).type_as(x)
 
 
-def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """[B, S, kv_heads, D] -> [B, S, kv_heads * n_rep, D]; query head h reads kv head h // n_rep."""
-    if n_rep == 1:
-        return x
-    b, s, kv_heads, d = x.shape
-    return x[:, :, :, None, :].expand(b, s, kv_heads, n_rep, d).reshape(b, s, kv_heads * n_rep, d)
-
-
-def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention over [B, heads, S, head_dim] tensors."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-
-
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        # The attention kernel; context parallelism swaps in one that sees the whole sequence.
-        self.sdpa = causal_sdpa
+        # The attention kernel (attention.py); context parallelism swaps in one that sees the whole sequence.
+        self.kernel: AttentionKernel = causal
         self.head_dim = args.head_dim
-        self.n_rep = args.n_heads // args.n_kv_heads
         self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
@@ -124,10 +111,9 @@ class Attention(nn.Module):
         xk = self.wk(x).view(bsz, seqlen, -1, self.head_dim)
         xv = self.wv(x).view(bsz, seqlen, -1, self.head_dim)
         xq, xk = apply_rotary_emb(xq, rope), apply_rotary_emb(xk, rope)
-        # Repeated explicitly rather than `enable_gqa`: every SDPA backend and torch's ring
-        # attention (context parallelism) accept equal head counts.
-        xk, xv = repeat_kv(xk, self.n_rep), repeat_kv(xv, self.n_rep)
-        out = self.sdpa(xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2))
+        # K and V keep their kv heads (grouped-query attention): the kernel repeats them only for a
+        # backend that cannot take them as they are, and context parallelism gathers n_rep times less.
+        out = self.kernel(xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2))
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
     def init_weights(self, out_std: float):
