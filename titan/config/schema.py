@@ -163,6 +163,9 @@ class ClusterConfig:
     max_retries: int = 2  # requeues after a crash (exception, OOM kill) before the run is reported failed
     max_concurrent: int = 0  # sweeps: jobs of one sweep running at once; 0: no limit
     signal_delay_s: int = 120  # USR2 this long before the time limit: one step + a save + Slurm's ~60 s slack
+    # dry runs: the memory of one device and its dense bf16 peak; None: the local GPU's, else an H100 SXM's
+    gpu_memory_gib: float | None = None
+    gpu_peak_tflops: float | None = None
 
     def __post_init__(self) -> None:  # frozen: settled once, here, so the world size is known everywhere
         if self.launcher == "slurm" and self.nproc_per_node is None:
@@ -223,6 +226,9 @@ class RunConfig:
     profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     run: RunDirConfig = field(default_factory=RunDirConfig)
+    # validate, then print each rank role's memory and the step's work, estimated on fake tensors
+    # (titan/train/estimate.py); no run directory, no Slurm, no ranks
+    dry_run: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)

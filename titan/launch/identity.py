@@ -59,6 +59,9 @@ NEVER_NAMED = (
     "cluster.max_retries",
     "cluster.max_concurrent",
     "cluster.signal_delay_s",
+    "cluster.gpu_memory_gib",
+    "cluster.gpu_peak_tflops",
+    "dry_run",
 )
 
 

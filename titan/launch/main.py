@@ -96,7 +96,11 @@ def main(cfg: DictConfig) -> float | SubmittedJob | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     created_by_hydra = {p.name for p in run_dir.iterdir()} <= {".hydra"}  # Hydra makes it before main()
     try:
-        return launch(cfg)
+        result = launch(cfg)
+        if cfg.get("dry_run") and created_by_hydra:  # a dry run leaves nothing behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+            _remove_empty_parents(run_dir, Path(str(cfg.run.root)))
+        return result
     except (ConfigError, ResumeRefused) as e:  # the user's to fix: the message, not a traceback
         if created_by_hydra:  # a refused config leaves nothing behind
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -166,6 +170,14 @@ def launch(cfg: DictConfig) -> float | SubmittedJob | None:
         export_srun_task_env()
     is_rank = "TORCHELASTIC_RUN_ID" in os.environ or srun_task
     to_slurm = run_cfg.cluster.launcher == "slurm" and not is_rank
+    if run_cfg.dry_run:
+        world = world_size(run_cfg, torch.cuda.device_count())
+        validate(run_cfg, world)
+        validate_data(run_cfg)
+        from titan.launch.dry_run import dry_run_report  # torch's fake process group: only here
+
+        print(dry_run_report(run_cfg, world), flush=True)
+        return None
     if not to_slurm and int(os.environ.get("RANK", 0)) == 0:  # under torchrun or srun, rank 0 holds it
         hold(run_dir)  # one launch at a time, until this process ends
     gpus = torch.cuda.device_count()

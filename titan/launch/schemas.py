@@ -5,6 +5,7 @@ only what differs, so each default lives once, in titan/config/schema.py, and Hy
 value's type and key while it composes.
 """
 
+import dataclasses
 from typing import get_type_hints
 
 from hydra.core.config_store import ConfigStore
@@ -14,7 +15,8 @@ from titan.config.schema import RunConfig
 
 ROOT_SCHEMA = "titan_schema"
 GROUP_SCHEMA = "base"
-GROUP_TYPES = get_type_hints(RunConfig)
+# The config groups: RunConfig's dataclass fields (a plain value such as `dry_run` is a key, not a group).
+GROUP_TYPES = {name: cls for name, cls in get_type_hints(RunConfig).items() if dataclasses.is_dataclass(cls)}
 
 
 def writable_schema(cls: type) -> DictConfig:

@@ -14,26 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
-
 from titan.data.pretokenize import pretokenize
-from titan.launch.build import build_run_config
-from titan.launch.main import register
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def data_config(overrides: list[str]):
-    """The DataConfig that launch.py would build from these overrides."""
-    register(REPO / "sweeps")
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-        HydraConfig.instance().set_config(cfg)  # conf/ reads hydra's runtime values (the run dir)
-        with open_dict(cfg):
-            del cfg["hydra"]
-        return build_run_config(cfg).data
+from titan.launch.compose import compose_run_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = pretokenize(
-            data_config(args.overrides), args.out, workers=args.workers, shard_tokens=args.shard_tokens
+            compose_run_config(args.overrides).data,
+            args.out,
+            workers=args.workers,
+            shard_tokens=args.shard_tokens,
         )
     except (ValueError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
