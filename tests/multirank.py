@@ -1,5 +1,6 @@
 """Run a function on several gloo ranks in forked processes: the harness of the multi-rank unit tests."""
 
+import gc
 import os
 import socket
 import time
@@ -35,6 +36,9 @@ def spawn_ranks(fn, world, *args, timeout_s: float = 120) -> None:
     """
     import torch._dynamo  # noqa: F401
 
+    # A Trainer run in this process leaves its gloo groups to the garbage collector; a forked child
+    # that collects them inherits their threads' locks and hangs. Collect them here, once, instead.
+    gc.collect()
     start_method = "spawn" if dist.is_initialized() else "fork"
     ctx = mp.start_processes(
         _entry, args=(world, free_port(), fn, args), nprocs=world, join=False, start_method=start_method

@@ -43,6 +43,8 @@ def test_degrees_must_multiply_to_world_size():
         ("run", "resume", "maybe"),
         ("data", "source", "ftp"),
         ("parallelism", "reshard_after_forward", "sometimes"),
+        ("training", "float8", "fp8"),
+        ("training", "cross_entropy", "liger"),
     ],
 )
 def test_bad_choice_lists_the_choices(group, key, value):
@@ -59,6 +61,19 @@ def test_every_problem_is_reported_at_once():
         validate(cfg, world=2)
     message = str(e.value)
     assert "training.steps=0" in message and "model.max_seq_len" in message and "optimizer.lr=-1.0" in message
+
+
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("control_every", 0, "training.control_every=0 must be >= 1"),
+        ("collective_timeout_s", 0.0, "training.collective_timeout_s=0.0 must be >= 1"),
+        ("flight_recorder_entries", -1, "training.flight_recorder_entries=-1 must be >= 0"),
+    ],
+)
+def test_control_and_timeout_keys(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(base().replace(training={key: value}), world=2)
 
 
 def test_workers_must_divide_streams_per_rank():
@@ -181,3 +196,35 @@ def test_1f1b_needs_a_microbatch_per_stage():
     cfg = pp_base(pp=4, pp_microbatches=2)
     with pytest.raises(ConfigError, match="1F1B needs at least one microbatch per stage"):
         validate(cfg, world=4)
+
+
+@pytest.mark.parametrize(
+    "parallelism,world",
+    [({"dp_shard": 1}, 1), ({"dp_shard": 1, "tp": 2}, 2), ({"dp_replicate": 2, "dp_shard": 1}, 2)],
+)
+def test_cpu_offload_without_fsdp_is_refused(parallelism, world):
+    cfg = base().replace(parallelism={**parallelism, "cpu_offload": True})
+    with pytest.raises(
+        ConfigError,
+        match=r"parallelism\.cpu_offload=true .* does not shard .*set parallelism\.cpu_offload=false",
+    ):
+        validate(cfg, world=world)
+
+
+def test_cpu_offload_with_fsdp_is_valid():
+    validate(base().replace(parallelism={"cpu_offload": True}), world=2)
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_float8_with_tp_is_valid(recipe):
+    """Float8 under TP uses the plain TP styles: no layout is refused for it."""
+    validate(base().replace(training={"float8": recipe}, parallelism={"tp": 2}), world=4)
+
+
+def test_float8_needs_a_dim_multiple_of_16():
+    cfg = base().replace(training={"float8": "tensorwise"}, model={"dim": 200, "n_heads": 4, "n_kv_heads": 2})
+    with pytest.raises(
+        ConfigError,
+        match=r"training\.float8=tensorwise converts no layer: model\.dim=200 .*training\.float8=none",
+    ):
+        validate(cfg, world=2)

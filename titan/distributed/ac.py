@@ -15,6 +15,7 @@ AC_MODES = ("none", "full", "layer", "op")
 # forward that torch's lower-right causal bias (context parallelism) calls directly on CUDA.
 _SAVED_OPS = {
     torch.ops.aten.mm.default,
+    torch.ops.aten._scaled_mm.default,  # Float8 matmuls (torchao): saved whole, as torchtitan does
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._efficient_attention_forward.default,
     torch.ops.aten._scaled_dot_product_flash_attention.default,

@@ -22,8 +22,9 @@ def apply_fsdp(
 ) -> None:
     """Shard each block, then the root (embeddings, final norm, output) on `mesh` (1-D FSDP or 2-D HSDP)."""
     mp = MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[reduce_dtype])
-    # pin_memory=False: pinned host memory needs CUDA; on CPU-only runs it fails.
-    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
+    # Offloaded parameters live in host memory: pinned on CUDA, so the copies to and from the device
+    # are fast and asynchronous; pinning needs CUDA, so not on a CPU mesh (gloo).
+    offload = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if cpu_offload else OffloadPolicy()
     # Under pipeline parallelism each microbatch would re-gather parameters; keep them gathered.
     reshard = {"default": not pipeline, "always": True, "never": False}[reshard_after_forward]
     for i, block in enumerate(blocks):

@@ -15,9 +15,11 @@ from titan.data.checks import check_data, num_workers_problem, vocab_warning
 from titan.data.documents import SOURCES
 from titan.data.formats import BAD_RECORD_POLICIES
 from titan.distributed.ac import AC_MODES
+from titan.distributed.float8 import FLOAT8_DIM_MULTIPLE, FLOAT8_RECIPES
 from titan.distributed.fsdp import DTYPES, RESHARD_CHOICES
 from titan.distributed.mesh import ParallelDims
 from titan.launch.identity import run_name_problem
+from titan.train.loss import CROSS_ENTROPY_CHOICES
 from titan.train.optim import OPTIMIZERS, SCHEDULES, effective_warmup
 
 RESUME_POLICIES = ("auto", "never", "must")
@@ -65,6 +67,18 @@ def validate(cfg: RunConfig, world: int) -> ParallelDims:
     _choice(errors, "training.reduce_dtype", t.reduce_dtype, DTYPES)
     _choice(errors, "training.ac", t.ac, AC_MODES)
     _choice(errors, "training.device", t.device, DEVICES)
+    _choice(errors, "training.float8", t.float8, FLOAT8_RECIPES)
+    _choice(errors, "training.cross_entropy", t.cross_entropy, CROSS_ENTROPY_CHOICES)
+    _positive(errors, "training.control_every", t.control_every)
+    _positive(errors, "training.collective_timeout_s", t.collective_timeout_s)
+    _positive(errors, "training.first_step_timeout_s", t.first_step_timeout_s)
+    _positive(errors, "training.flight_recorder_entries", t.flight_recorder_entries, 0)
+    if t.float8 != "none" and m.dim % FLOAT8_DIM_MULTIPLE:
+        # Every block Linear reads or writes model.dim: none would become float8.
+        errors.append(
+            f"training.float8={t.float8} converts no layer: model.dim={m.dim} is not a multiple of "
+            f"{FLOAT8_DIM_MULTIPLE} (float8 matmuls need it); set training.float8=none"
+        )
     if t.device == "cuda" and not torch.cuda.is_available():
         errors.append(
             "training.device=cuda but this machine has no CUDA device; use training.device=auto or cpu"
@@ -159,6 +173,16 @@ def _check_model_parallel(errors: list[str], cfg: RunConfig, dims: ParallelDims)
         )
     if dims.pp > 1:
         _check_pipeline(errors, cfg, dims)
+    if p.cpu_offload and not dims.fsdp_enabled:
+        errors.append(
+            "parallelism.cpu_offload=true offloads FSDP's sharded parameters, but this layout does not "
+            f"shard (dp_shard={dims.dp_shard} x cp={dims.cp} = 1); set parallelism.cpu_offload=false, "
+            "or shard with parallelism.dp_shard > 1"
+        )
+    # Float8 with tp > 1 uses titan's plain TP styles: Float8Linear casts each rank's shards, and the
+    # TP collectives move bf16/fp32. torchao's Float8 TP styles (float8 all-gathers) stay off until a
+    # multi-GPU test covers them. Float8 vs the GPU (SM 8.9+) is checked when the model is built:
+    # reading the compute capability here would open a CUDA context in the launching process.
     if p.async_tp:
         import torch
 

@@ -10,14 +10,16 @@ from titan.models.llama.init import init_weights
 from titan.models.llama.model import Transformer
 from titan.models.llama.parallelize import parallelize_llama
 from titan.models.llama.pipeline import build_pipeline
-from titan.train.loss import cross_entropy_sum
+from titan.train.loss import loss_function
 
 
 def build_loss(cfg: RunConfig):
-    """The loss, compiled with the blocks: the fp32 upcast and log-softmax over the vocabulary fuse."""
+    """The loss `training.cross_entropy` names, compiled with the blocks: the fp32 upcast and the
+    log-softmax over the vocabulary fuse."""
+    loss = loss_function(cfg.training.cross_entropy)
     if cfg.training.compile:
-        return torch.compile(cross_entropy_sum, backend=cfg.training.compile_backend)
-    return cross_entropy_sum
+        return torch.compile(loss, backend=cfg.training.compile_backend)
+    return loss
 
 
 def build_model(cfg: RunConfig, dims: ParallelDims, meshes: dict, device: torch.device, loss_fn):
@@ -31,11 +33,15 @@ def build_model(cfg: RunConfig, dims: ParallelDims, meshes: dict, device: torch.
     else:
         with torch.device("meta"):
             parts = [Transformer(cfg.model)]
+    # FSDP's CPU offload keeps the sharded parameters (and gradients, optimizer state) in host memory,
+    # pinned on CUDA, and refuses parameters materialized elsewhere. The rotary table is a buffer,
+    # not offloaded: init_weights puts it on `device`.
+    param_device = torch.device("cpu") if cfg.parallelism.cpu_offload else device
     for i, part in enumerate(parts):
         part = parallelize_llama(
-            part, dims, meshes, cfg.training, cfg.parallelism, pipeline=pipeline is not None
+            part, dims, meshes, cfg.training, cfg.parallelism, pipeline=pipeline is not None, device=device
         )
-        part.to_empty(device=device)
+        part.to_empty(device=param_device)
         init_weights(part, cfg.model, seed=cfg.training.seed, device=device)
         if dims.cp > 1:  # needs the materialized rope table, so after init
             apply_cp(part, meshes["cp"], cfg.training.seq_len)
