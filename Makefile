@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install train test test-fast lint format clean
+.PHONY: install train test test-fast lint format clean gpu-wheels
 
 install: $(STAMP)
 
@@ -51,6 +51,21 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(PY) -m ruff check --fix titan tests launch.py benchmarks hydra_plugins
 	$(PY) -m ruff format titan tests launch.py benchmarks hydra_plugins
+
+# The wheels benchmarks/gpu_check.sh installs offline (`--no-index`) on the GPU image, which lacks them
+# (../shared/PLATFORM.md): ../shared/gpu-wheels/ (built for its Python 3.12), the Python 3.11 build of
+# any of those that is py3.12-only (for the CPU rehearsal here), and liger-kernel (pure Python).
+gpu-wheels:
+	mkdir -p gpu-wheels
+	cp -f ../shared/gpu-wheels/*.whl gpu-wheels/
+	@for wheel in gpu-wheels/*-py312-none-any.whl; do \
+	  [ -e "$$wheel" ] || continue; \
+	  name=$$(basename "$$wheel" | cut -d- -f1); version=$$(basename "$$wheel" | cut -d- -f2); \
+	  echo "$$name==$$version for Python 3.11"; \
+	  $(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.11 -d gpu-wheels "$$name==$$version" || exit 1; \
+	done
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: -d gpu-wheels liger-kernel
+	@ls gpu-wheels
 
 clean:
 	rm -rf runs outputs multirun .pytest_cache
