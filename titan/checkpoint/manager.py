@@ -7,9 +7,10 @@ each data stream's position is written by the rank that owns it, each rank's RNG
 
 Modes: `sync` writes before training goes on; `thread` and `process` copy the state to CPU memory
 (pinned on CUDA) and write it in a background thread or process, over a gloo group of their own. At
-most one save is in flight. The main thread never waits on the background: at each step boundary
-while a save is in flight, the ranks agree (one small all-reduce on a second gloo group) whether
-every rank has finished; then rank 0 commits, and older checkpoints are purged in a background
+most one save is in flight. The main thread never waits on the background: at each control step
+(`agree=True`, the trainer's every `training.control_every` steps) while a save is in flight, the
+ranks agree (one small all-reduce of CPU tensors on a second gloo group) whether every rank has
+finished; then rank 0 commits, and older checkpoints are purged in a background
 thread. A failed save fails loudly on every rank at the same step.
 
 Before loading, rank 0 refuses a folder that is another run's and marks the folder as this run's
@@ -154,6 +155,8 @@ class Checkpointer:
         # save's collectives each get a gloo group: two threads must never share one group, and
         # neither may share the training's (NCCL) group.
         self._control = dist.new_group(backend="gloo", timeout=_CONTROL_TIMEOUT)
+        # The tensor of the step-boundary agreement: on the CPU, so reading it never waits for a device.
+        self.control_flags = torch.zeros(2, dtype=torch.int64)
         self._background = dist.new_group(backend="gloo") if cfg.mode != "sync" else None
         self._stager = None
         if cfg.mode != "sync":
@@ -176,8 +179,15 @@ class Checkpointer:
 
     # ----------------------------------------------------------------------------------- saving
 
-    def maybe_save(self, step: int, train_state: dict, *, last: bool) -> None:
-        due_by_time = self._step_boundary()
+    @property
+    def control_group(self) -> dist.ProcessGroup:
+        """The main thread's gloo group of all ranks, for other agreements of the training loop."""
+        return self._control
+
+    def maybe_save(self, step: int, train_state: dict, *, last: bool, agree: bool = True) -> None:
+        """agree: a control step, where every rank joins the agreement on the save in flight and on
+        `interval_s`; in between nothing is exchanged and only `checkpoint.interval` steps save."""
+        due_by_time = self._step_boundary() if agree else False
         if last:
             if self.cfg.enable:
                 self.save(step, train_state, final=True)
@@ -264,21 +274,20 @@ class Checkpointer:
     def _step_boundary(self) -> bool:
         """Collect a finished background save; return whether `interval_s` says save now.
 
-        One all-reduce on the control group, only while a save is in flight or `interval_s` is on:
-        [some rank still writing, rank 0's clock says a save is due]. Every rank then takes the
-        same decisions at the same step.
+        At control steps only; one all-reduce of CPU tensors on the control group, only while a save
+        is in flight or `interval_s` is on: [some rank still writing, rank 0's clock says a save is
+        due]. Every rank then takes the same decisions at the same step.
         """
         if self._pending is None and (self.cfg.interval_s <= 0 or not self.cfg.enable):
             return False
-        flags = torch.zeros(2, dtype=torch.int64)
-        if self._pending is not None:
-            flags[0] = not self._pending.future.done()
-        if self.rank == 0 and self.cfg.interval_s > 0:
-            flags[1] = _now() - self._last_save_s >= self.cfg.interval_s
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._control)
-        if self._pending is not None and not flags[0]:
+        writing = self._pending is not None and not self._pending.future.done()
+        due = self.rank == 0 and self.cfg.interval_s > 0 and _now() - self._last_save_s >= self.cfg.interval_s
+        self.control_flags.copy_(torch.tensor([writing, due], dtype=torch.int64))
+        dist.all_reduce(self.control_flags, op=dist.ReduceOp.MAX, group=self._control)
+        someone_writing, due = self.control_flags.tolist()
+        if self._pending is not None and not someone_writing:
             self._finish()
-        return bool(flags[1])
+        return bool(due)
 
     def wait(self) -> None:
         """Block until the save in flight is committed (or raise if it failed)."""

@@ -3,6 +3,7 @@
 Every rank builds a MetricsLogger; only the rank holding the global loss (`enabled=True`) writes.
 Throughput is per device: the trainer passes the tokens one device processed since the last log.
 MFU is model FLOP/s over the device's dense bf16 peak (PaLM, appendix B), whatever dtype trains.
+StepTimer splits the step time into its phases (data, forward+backward, optimizer, checkpoint).
 """
 
 from __future__ import annotations
@@ -121,9 +122,61 @@ def format_line(record: dict[str, Any], total_steps: int) -> str:
     memory = [v for k, v in record.items() if k.startswith("memory_")]
     parts.append("mem " + "/".join(f"{v:.1f}" for v in memory) + "GiB")  # CUDA: active/reserved
     parts.append(f"data {100 * record['data_share']:.0f}%")
+    if all(f"time_{phase}_ms" in record for phase in STEP_PHASES):  # data/fwd+bwd/optimizer/checkpoint
+        parts.append("ms " + "/".join(f"{record[f'time_{phase}_ms']:.0f}" for phase in STEP_PHASES))
     if record["skipped_steps"]:
         parts.append(f"skipped {record['skipped_steps']}")
     return "  ".join(parts)
+
+
+# The phases of a training step, in order; StepTimer writes `time_<phase>_ms` for each.
+STEP_PHASES = ("data", "forward_backward", "optimizer", "checkpoint")
+
+
+class StepTimer:
+    """Per-step mean milliseconds of each phase of the steps since the last `read`.
+
+    The trainer calls `start()` at the top of each step and `lap(phase)` at the end of each phase. On
+    CUDA every mark is an Event recorded on the current stream: the time is the device's, and nothing
+    waits for the device until `read`, at a log step. Elsewhere the marks are perf_counter readings.
+    Each lap counts in the first `read` after it: a log step's checkpoint phase, which follows its
+    log, counts in the next interval.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._previous = None  # the latest mark of the step being timed
+        self._laps: list[tuple] = []  # (phase, start mark, end mark)
+
+    def _mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def start(self) -> None:
+        self._previous = self._mark()
+
+    def lap(self, phase: str) -> None:
+        if self._previous is None:  # a step run outside the loop (no `start`) is not timed
+            return
+        mark = self._mark()
+        self._laps.append((phase, self._previous, mark))
+        self._previous = mark
+
+    def read(self) -> dict[str, float]:
+        """{"time_<phase>_ms": mean over the laps of that phase}; the laps start anew. A device sync on CUDA."""
+        laps, self._laps = self._laps, []
+        if not laps:
+            return {}
+        if self.cuda:
+            laps[-1][2].synchronize()  # the latest mark: every earlier one has completed too
+        totals, counts = dict.fromkeys(STEP_PHASES, 0.0), dict.fromkeys(STEP_PHASES, 0)
+        for phase, start, end in laps:
+            totals[phase] += start.elapsed_time(end) if self.cuda else 1000 * (end - start)
+            counts[phase] += 1
+        return {f"time_{p}_ms": totals[p] / counts[p] if counts[p] else 0.0 for p in STEP_PHASES}
 
 
 def _keep_until(path: pathlib.Path, last_step: int) -> dict[str, Any] | None:
@@ -276,10 +329,12 @@ class MetricsLogger:
         tokens: int,
         seconds: float,
         data_seconds: float,
+        step_losses: list[float] | None = None,
         extra: dict | None = None,
     ) -> dict:
         """tokens: per device since the last log; seconds: wall time since then, data_seconds of it waiting for data.
-        skipped_steps: steps skipped for non-finite gradients since the launch."""
+        skipped_steps: steps skipped for non-finite gradients since the launch. step_losses: the loss of every
+        step since the last log, this one's last (written as `step_losses`; TensorBoard gets each at its step)."""
         if seconds <= 0:
             raise ValueError(f"seconds={seconds}: pass the wall time since the previous log call (> 0)")
         tokens_per_second = tokens / seconds
@@ -299,6 +354,8 @@ class MetricsLogger:
         record.update(memory_stats(self.device))
         record["data_share"] = data_seconds / seconds
         record["elapsed_s"] = self._elapsed_offset + time.monotonic() - self._t0
+        if step_losses is not None:
+            record["step_losses"] = [float(v) for v in step_losses]
         for key, value in (extra or {}).items():
             if key in record:
                 raise ValueError(f"extra metric {key!r} would overwrite a built-in one; rename it")
@@ -311,6 +368,9 @@ class MetricsLogger:
         if self._tb is not None:
             for key, value in scalars.items():
                 self._tb.add_scalar(key, value, step)
+            losses = record.get("step_losses", [])
+            for offset, value in enumerate(losses):
+                self._tb.add_scalar("step_loss", value, step - len(losses) + 1 + offset)
             self._tb.flush()
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)

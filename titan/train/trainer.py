@@ -8,6 +8,7 @@ import os
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,9 +27,9 @@ from titan.distributed.mesh import ParallelDims, device_for
 from titan.models.llama.args import flops_per_token
 from titan.train.build_model import build_loss, build_model
 from titan.train.logs import setup_rank_logging
-from titan.train.metrics import MetricsLogger
+from titan.train.metrics import MetricsLogger, StepTimer
 from titan.train.optim import LRSchedulers, Optimizers
-from titan.train.preempt import PreemptionWatcher
+from titan.train.preempt import PreemptionWatcher, check_control_cadence
 
 log = logging.getLogger("titan")
 
@@ -77,6 +78,16 @@ def run_id(run_dir: Path) -> str:
     """A W&B-safe id that is the same for every attempt of one run directory (so resumes continue it)."""
     slug = re.sub(r"[^A-Za-z0-9_-]", "-", run_dir.name)[:40]
     return f"{slug}-{hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:12]}"
+
+
+@dataclass
+class _Interval:
+    """What the loop gathers between two log steps: per-step losses stay on the device until read."""
+
+    start: float  # perf_counter at the previous log
+    data_seconds: float = 0.0
+    tokens: int = 0  # per device
+    losses: list[torch.Tensor] = field(default_factory=list)
 
 
 class Trainer:
@@ -132,7 +143,9 @@ class Trainer:
         )
         # Before the (possibly long) load: a stop then still saves. A plain `python` process is the whole
         # run and answers a second Ctrl-C itself; a launcher's rank leaves it to the launcher.
-        self.preemption = PreemptionWatcher(second_interrupt_stops_at_once="RANK" not in os.environ)
+        self.preemption = PreemptionWatcher(
+            second_interrupt_stops_at_once="RANK" not in os.environ, group=self.checkpointer.control_group
+        )
         state = self.checkpointer.load() or {}
         self.step, self.tokens_seen = state.get("step", 0), state.get("tokens_seen", 0)
 
@@ -148,6 +161,8 @@ class Trainer:
             run_id=run_id(self.run_dir),
             config=cfg.to_dict(),
         )
+        self.timer = StepTimer(self.device)
+        self._cadence_checked = False
 
     def _saves_loader_state(self) -> bool:
         """TP, CP and PP ranks of one data-parallel rank read the same streams: one of them saves them."""
@@ -159,8 +174,9 @@ class Trainer:
         t = self.cfg.training
         return t.global_batch_size // (self.dp_degree * t.micro_batch_size)
 
-    def train_step(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-        """One optimizer step over this rank's share of the global batch. Returns (loss, grad_norm)."""
+    def train_step(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over this rank's share of the global batch. Returns (loss, grad_norm) as 0-dim
+        device tensors: nothing here waits for the device, the loop reads them at log steps."""
         t = self.cfg.training
         global_tokens = t.global_batch_size * t.seq_len
         # Gradient reduction averages over the dp x cp ranks that each summed the loss of their own
@@ -169,6 +185,7 @@ class Trainer:
         scale = self.meshes["loss"].size() / global_tokens
         if self.dims.cp > 1:  # each context-parallel rank takes its load-balanced share of every sequence
             inputs, labels = (shard_sequence(x, self.dims.cp, self.cp_rank) for x in (inputs, labels))
+        inputs, labels = self._to_device(inputs), self._to_device(labels)
         if self.pipeline is not None:
             with self.autocast, self.loss_parallel():
                 loss = self.pipeline.step(inputs, labels, grad_scale=scale)
@@ -181,10 +198,11 @@ class Trainer:
                 inputs.split(t.micro_batch_size), labels.split(t.micro_batch_size), strict=True
             ):
                 with self.autocast, self.loss_parallel():
-                    logits = self.model_parts[0](micro_inputs.to(self.device))
-                    micro_loss = self.loss_fn(logits, micro_labels.to(self.device))
+                    logits = self.model_parts[0](micro_inputs)
+                    micro_loss = self.loss_fn(logits, micro_labels)
                     (micro_loss * scale).backward()
                 loss_sum += _local(micro_loss.detach())
+        self.timer.lap("forward_backward")
 
         grad_norm = self._clip_grad_norm()
         skip = grad_norm.isfinite().logical_not()  # alike on every rank: the norm is global
@@ -194,7 +212,16 @@ class Trainer:
         self.scheduler.step()  # a skipped step still counts: the schedule and the data go on
 
         dist.all_reduce(loss_sum, group=self.meshes["loss"].get_group())  # each summed its own tokens
-        return loss_sum.item() / global_tokens, grad_norm.item()
+        self.timer.lap("optimizer")
+        # float64: the fp32 sum converts exactly, so this is the quotient the host used to compute
+        return loss_sum.double() / global_tokens, grad_norm
+
+    def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        """The loader's CPU batch on the device without a wait: a copy from pageable memory blocks the
+        host until the device has run everything queued before it; one from pinned memory does not."""
+        if self.device.type != "cuda":
+            return batch
+        return batch.pin_memory().to(self.device, non_blocking=True)
 
     def _clip_grad_norm(self) -> torch.Tensor:
         """The true global norm over FSDP, TP and PP shards; clips in place when training.max_norm > 0."""
@@ -205,6 +232,10 @@ class Trainer:
         return norm
 
     def train(self) -> dict:
+        """The loop. Between log steps the host never waits for the device: losses and grad norms stay
+        device tensors until a log step reads the interval's at once, and the ranks agree on a stop or a
+        timed save only at control steps (log steps and every `training.control_every` steps), with CPU
+        tensors on a gloo group."""
         cfg = self.cfg
         # Per device: TP, CP and PP ranks share their data-parallel rank's tokens.
         tokens_per_step_per_rank = (
@@ -223,54 +254,51 @@ class Trainer:
         gc.disable()  # collected at a fixed cadence instead, on every rank at once (no straggler pauses)
         batches = iter(self.loader)
         result = {"step": self.step}
-        interval_start, data_seconds, interval_tokens = time.perf_counter(), 0.0, 0
+        first_step = self.step + 1  # its time holds the warm-up (compilation, allocation)
+        interval = _Interval(time.perf_counter())
         try:
             while self.step < cfg.training.steps:
                 self.step += 1
                 if self.step % cfg.training.gc_freq == 0:
                     gc.collect(1)
+                self.timer.start()
                 data_start = time.perf_counter()
                 inputs, labels = next(batches)
-                data_seconds += time.perf_counter() - data_start
+                interval.data_seconds += time.perf_counter() - data_start
+                self.timer.lap("data")
 
                 lr = self.scheduler.get_last_lr()[0]
                 loss, grad_norm = self.train_step(inputs, labels)
+                interval.losses.append(loss)
                 self.tokens_seen += cfg.training.global_batch_size * cfg.training.seq_len
-                interval_tokens += tokens_per_step_per_rank
-
+                interval.tokens += tokens_per_step_per_rank
                 self.metrics.advance(self.step)
-                if self.metrics.should_log(self.step):
-                    now = time.perf_counter()
-                    skipped = self._read_skipped()
-                    result = self.metrics.log(
-                        self.step,
-                        loss=loss,
-                        grad_norm=grad_norm,
-                        lr=lr,
-                        skipped_steps=skipped,
-                        tokens=interval_tokens,
-                        seconds=now - interval_start,
-                        data_seconds=data_seconds,
-                    )
-                    interval_start, data_seconds, interval_tokens = now, 0.0, 0
-                    self._stop_past_limit(skipped)
 
                 train_state = {"step": self.step, "tokens_seen": self.tokens_seen}
                 last = self.step == cfg.training.steps
-                # Every rank agrees at the same step boundary; at the last one the run simply finishes.
-                if not last and self.preemption.stop_requested():
+                logs = self.metrics.should_log(self.step)
+                control = logs or self.step % cfg.training.control_every == 0
+                # Every rank agrees at the same control step; at the last one the run simply finishes.
+                stop = control and not last and self.preemption.stop_requested()
+                # Logged before the save, so a step's record outlives a crash in its save; a stop's
+                # step is logged too, so every step's loss is written.
+                if logs or stop:
+                    warm = self.step - len(interval.losses) + 1 > first_step  # the interval lacks it
+                    result = self._log(interval, grad_norm, lr, check_cadence=warm)
+                    interval = _Interval(time.perf_counter())
+                if stop:
                     log.warning(
                         "stopping at step %d on %s: saving a checkpoint", self.step, self.preemption.reason
                     )
                     saved = self.checkpointer.save(self.step, train_state)
                     result = {
                         **result,
-                        "step": self.step,  # the metrics' step is the last logged one
                         "preempted": self.preemption.reason,
                         "checkpoint": str(saved) if saved else None,
                     }
                     break
-                self.checkpointer.maybe_save(self.step, train_state, last=last)
+                self.checkpointer.maybe_save(self.step, train_state, last=last, agree=control)
+                self.timer.lap("checkpoint")
         finally:
             gc.enable()
             self.checkpointer.close()
@@ -278,6 +306,34 @@ class Trainer:
             self.metrics.close()
             self.loader.close()
         return result
+
+    def _log(self, interval: _Interval, grad_norm: torch.Tensor, lr: float, *, check_cadence: bool) -> dict:
+        """Read the interval's losses and this step's norm (the one wait for the device in the interval),
+        write the metrics and the step-time split; stop past training.max_nonfinite_steps."""
+        *losses, norm = torch.stack([*interval.losses, grad_norm.double()]).tolist()
+        split = self.timer.read()
+        steps = len(losses)
+        seconds = time.perf_counter() - interval.start
+        if check_cadence and not self._cadence_checked:  # the first interval after the warm-up step
+            self._cadence_checked = True
+            check_control_cadence(
+                self.cfg.training.control_every, seconds / steps, self.cfg.cluster.signal_delay_s
+            )
+        skipped = self._read_skipped()
+        record = self.metrics.log(
+            self.step,
+            loss=losses[-1],
+            grad_norm=norm,
+            lr=lr,
+            skipped_steps=skipped,
+            tokens=interval.tokens,
+            seconds=seconds,
+            data_seconds=interval.data_seconds,
+            step_losses=losses,
+            extra=split,
+        )
+        self._stop_past_limit(skipped)
+        return record
 
     def _read_skipped(self) -> int:
         """The device's count of skipped steps on the host: a sync, so only at log and save steps."""
