@@ -134,9 +134,12 @@ class Checkpointer:
         scheduler,
         loader,
         saves_loader_state: bool = True,
+        tokenizer: str | None = None,
     ) -> None:
         """saves_loader_state: False on the ranks that read the same data streams as another rank
-        (TP, CP and PP peers of one data-parallel rank); they restore the loader but leave saving it."""
+        (TP, CP and PP peers of one data-parallel rank); they restore the loader but leave saving it.
+        tokenizer: the run's, written into the Hugging Face export (`export_hf`)."""
+        self.tokenizer = tokenizer
         problems = config_problems(cfg)
         if problems:
             raise ValueError("; ".join(problems))
@@ -397,7 +400,9 @@ class Checkpointer:
         if self.rank == 0:
             try:
                 out = hf_dir(self.folder, step)
-                dcp_to_hf(step_dir(self.folder, step), out, dtype=self.cfg.export_dtype)
+                dcp_to_hf(
+                    step_dir(self.folder, step), out, dtype=self.cfg.export_dtype, tokenizer=self.tokenizer
+                )
                 log.info("exported Hugging Face model %s", out)
             except _ERRORS as e:
                 error = e

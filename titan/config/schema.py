@@ -46,6 +46,9 @@ class TrainingConfig:
     collective_timeout_s: float = 600.0
     first_step_timeout_s: float = 1800.0
     flight_recorder_entries: int = 2000
+    # causal | block_causal: each token attends within its own document only (documents start at BOS);
+    # SDPA with a boolean mask on CPU, FlexAttention on CUDA (titan/models/llama/attention.py)
+    attention: str = "causal"
     # chunked: the fp32 logits of one chunk of tokens at a time, never the whole batch's | full (titan/train/loss.py)
     cross_entropy: str = "chunked"
 

@@ -19,6 +19,7 @@ from titan.distributed.float8 import FLOAT8_DIM_MULTIPLE, FLOAT8_RECIPES
 from titan.distributed.fsdp import DTYPES, RESHARD_CHOICES
 from titan.distributed.mesh import ParallelDims
 from titan.launch.identity import run_name_problem
+from titan.models.llama.attention import ATTENTION_CHOICES
 from titan.train.loss import CROSS_ENTROPY_CHOICES
 from titan.train.optim import OPTIMIZERS, SCHEDULES, effective_warmup
 
@@ -69,6 +70,7 @@ def validate(cfg: RunConfig, world: int) -> ParallelDims:
     _choice(errors, "training.device", t.device, DEVICES)
     _choice(errors, "training.float8", t.float8, FLOAT8_RECIPES)
     _choice(errors, "training.cross_entropy", t.cross_entropy, CROSS_ENTROPY_CHOICES)
+    _choice(errors, "training.attention", t.attention, ATTENTION_CHOICES)
     _positive(errors, "training.control_every", t.control_every)
     _positive(errors, "training.collective_timeout_s", t.collective_timeout_s)
     _positive(errors, "training.first_step_timeout_s", t.first_step_timeout_s)
@@ -173,6 +175,17 @@ def _check_model_parallel(errors: list[str], cfg: RunConfig, dims: ParallelDims)
         )
     if dims.pp > 1:
         _check_pipeline(errors, cfg, dims)
+    if cfg.training.attention == "block_causal" and dims.cp > 1:
+        errors.append(
+            f"training.attention=block_causal with parallelism.cp={dims.cp}: each context-parallel rank "
+            "attends with torch's lower-right causal kernel over its share of the sequence, which takes no "
+            "document mask; use parallelism.cp=1 (document masking keeps sequences short anyway)"
+        )
+    if cfg.training.attention == "block_causal" and dims.pp > 1:
+        errors.append(
+            f"training.attention=block_causal with parallelism.pp={dims.pp}: pipeline stages after the first "
+            "receive hidden states, not the tokens the document mask is built from; use parallelism.pp=1"
+        )
     if p.cpu_offload and not dims.fsdp_enabled:
         errors.append(
             "parallelism.cpu_offload=true offloads FSDP's sharded parameters, but this layout does not "

@@ -21,15 +21,19 @@ from titan.checkpoint.manager import Checkpointer
 from titan.config.schema import RunConfig
 from titan.data.loader import TrainLoader
 from titan.distributed.cp import shard_sequence
+from titan.distributed.flight_recorder import dump, is_timeout, mesh_groups, recorder_env, set_timeouts
+from titan.distributed.float8 import fsdp_float8_all_gather, precompute_float8_scales
 from titan.distributed.fsdp import DTYPES
 from titan.distributed.grad_norm import grad_norm
 from titan.distributed.mesh import ParallelDims, device_for
-from titan.models.llama.args import flops_per_token
+from titan.models.llama.args import flops_per_token, num_params
+from titan.models.llama.attention import document_ids
 from titan.train.build_model import build_loss, build_model
 from titan.train.logs import setup_rank_logging
 from titan.train.metrics import MetricsLogger, StepTimer
 from titan.train.optim import LRSchedulers, Optimizers
 from titan.train.preempt import PreemptionWatcher, check_control_cadence
+from titan.train.profiling import StepProfiler
 
 log = logging.getLogger("titan")
 
@@ -37,6 +41,10 @@ log = logging.getLogger("titan")
 def _local(t: torch.Tensor) -> torch.Tensor:
     """A replicated DTensor (the loss under loss parallelism) as a plain tensor."""
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective did not complete within training.collective_timeout_s; the message names the dumps."""
 
 
 class NonFiniteStepsError(RuntimeError):
@@ -55,11 +63,15 @@ class GuardedCheckpointer(Checkpointer):
         return super().save(step, train_state, final=final)
 
 
-def init_distributed(device: torch.device) -> None:
-    """Join the process group described by the environment (torchrun, the elastic launcher, Slurm)."""
+def init_distributed(device: torch.device, *, cpu_collectives: bool = False) -> None:
+    """Join the process group described by the environment (torchrun, the elastic launcher, Slurm).
+
+    cpu_collectives: also reduce CPU tensors (FSDP's CPU offload: the gradient norm of host shards)."""
     if dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda" and cpu_collectives:
+        backend = "cuda:nccl,cpu:gloo"
     if "RANK" in os.environ:
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
     else:  # a plain `python` process: a group of one, so the same code path serves every run
@@ -97,18 +109,35 @@ class Trainer:
         self.device = device_for(cfg.training.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        init_distributed(self.device)
+        # Read when the process groups are made: the Flight Recorder's buffer, NCCL's dump on a timeout.
+        self.flight_recorder_dir = self.run_dir / "flight_recorder"
+        os.environ.update(recorder_env(self.flight_recorder_dir, cfg.training.flight_recorder_entries))
+        init_distributed(self.device, cpu_collectives=cfg.parallelism.cpu_offload)
         self.rank = dist.get_rank()
         setup_rank_logging(self.run_dir, self.rank)
         set_determinism(cfg.training.seed, cfg.training.deterministic)
 
         self.dims = ParallelDims.resolve(cfg.parallelism, dist.get_world_size())
         self.meshes = self.dims.build_meshes(self.device.type)
+        set_timeouts(mesh_groups(self.meshes), cfg.training.first_step_timeout_s)
         self.dp_rank, self.dp_degree = self.meshes["dp"].get_local_rank(), self.dims.dp
 
         self.cp_rank = self.meshes["cp"].get_local_rank()
         self.loss_fn = build_loss(cfg)
         self.model_parts, self.pipeline = build_model(cfg, self.dims, self.meshes, self.device, self.loss_fn)
+        local = sum(
+            (p.to_local() if isinstance(p, DTensor) else p).numel()
+            for part in self.model_parts
+            for p in part.parameters()
+        )
+        log.info("model: %s parameters, %s of them on this rank", f"{num_params(cfg.model):,}", f"{local:,}")
+        # FSDP's float8 all-gather casts with scales computed for all parameters at once, after each step.
+        self.precompute_float8 = fsdp_float8_all_gather(
+            cfg.training.float8,
+            fsdp=self.dims.fsdp_enabled,
+            cpu_offload=cfg.parallelism.cpu_offload,
+            device_type=self.device.type,
+        )
         use_loss_parallel = self.dims.tp > 1 and cfg.parallelism.loss_parallel
         self.loss_parallel = loss_parallel if use_loss_parallel else contextlib.nullcontext
         # Without FSDP the compute dtype comes from autocast; with FSDP from its MixedPrecisionPolicy.
@@ -118,7 +147,12 @@ class Trainer:
             else contextlib.nullcontext()
         )
 
-        self.optimizers = Optimizers(self.model_parts, cfg.optimizer, self.device)
+        # Offloaded parameters and their optimizer state live on the host: its optimizer, not CUDA's fused one.
+        self.optimizers = Optimizers(
+            self.model_parts,
+            cfg.optimizer,
+            torch.device("cpu") if cfg.parallelism.cpu_offload else self.device,
+        )
         # Steps skipped for non-finite gradients since the launch: counted on the device, read on the
         # host only at log and save steps.
         self.skipped = torch.zeros((), dtype=torch.int64, device=self.device)
@@ -139,6 +173,7 @@ class Trainer:
             scheduler=self.scheduler,
             loader=self.loader,
             saves_loader_state=self._saves_loader_state(),
+            tokenizer=cfg.data.tokenizer,
             before_save=lambda: self._stop_past_limit(self._read_skipped()),
         )
         # Before the (possibly long) load: a stop then still saves. A plain `python` process is the whole
@@ -163,6 +198,9 @@ class Trainer:
         )
         self.timer = StepTimer(self.device)
         self._cadence_checked = False
+        self.profiler = StepProfiler(cfg.profiling, self.run_dir, self.rank, self.device)
+        # Document masking: each document starts with the tokenizer's BOS (titan/data/packing.py).
+        self.bos_id = self.loader.tokenizer.bos_id if cfg.training.attention == "block_causal" else None
 
     def _saves_loader_state(self) -> bool:
         """TP, CP and PP ranks of one data-parallel rank read the same streams: one of them saves them."""
@@ -197,8 +235,9 @@ class Trainer:
             for micro_inputs, micro_labels in zip(
                 inputs.split(t.micro_batch_size), labels.split(t.micro_batch_size), strict=True
             ):
+                documents = document_ids(micro_inputs, self.bos_id) if self.bos_id is not None else None
                 with self.autocast, self.loss_parallel():
-                    logits = self.model_parts[0](micro_inputs)
+                    logits = self.model_parts[0](micro_inputs, documents)
                     micro_loss = self.loss_fn(logits, micro_labels)
                     (micro_loss * scale).backward()
                 loss_sum += _local(micro_loss.detach())
@@ -207,6 +246,8 @@ class Trainer:
         grad_norm = self._clip_grad_norm()
         skip = grad_norm.isfinite().logical_not()  # alike on every rank: the norm is global
         self.optimizers.step(skip)
+        if self.precompute_float8:
+            precompute_float8_scales(self.model_parts)
         self.skipped += skip
         self.optimizers.zero_grad()
         self.scheduler.step()  # a skipped step still counts: the schedule and the data go on
@@ -299,7 +340,21 @@ class Trainer:
                     break
                 self.checkpointer.maybe_save(self.step, train_state, last=last, agree=control)
                 self.timer.lap("checkpoint")
+                self.profiler.step(self.step)
+                if self.step == first_step:  # compiled and warmed up: from now on the usual timeout
+                    set_timeouts(mesh_groups(self.meshes), cfg.training.collective_timeout_s)
+        except Exception as e:
+            self.profiler.on_error(e)
+            if is_timeout(e) and cfg.training.flight_recorder_entries > 0:
+                folder = self.flight_recorder_dir
+                dump(folder, self.rank)
+                raise CollectiveTimeout(
+                    f"rank {self.rank}: a collective timed out at step {self.step}; every rank's last "
+                    f"collectives are in {folder}: python -m titan.tools.flight_recorder {folder}"
+                ) from e
+            raise
         finally:
+            self.profiler.close()
             gc.enable()
             self.checkpointer.close()
             self.preemption.close()
@@ -330,10 +385,23 @@ class Trainer:
             seconds=seconds,
             data_seconds=interval.data_seconds,
             step_losses=losses,
-            extra=split,
+            extra={**split, **self._source_shares()},
         )
         self._stop_past_limit(skipped)
         return record
+
+    def _source_shares(self) -> dict[str, float]:
+        """A mixture's realized share of the tokens per source so far, over every rank's sequence slots
+        (one rank per data-parallel rank counts them): `data_share_<name>` in the metrics."""
+        windows = self.loader.source_windows()
+        if not windows:
+            return {}
+        counts = torch.tensor(list(windows.values()) if self._saves_loader_state() else [0] * len(windows))
+        dist.all_reduce(
+            counts, group=self.checkpointer.control_group
+        )  # CPU tensors over gloo: no device wait
+        total = int(counts.sum())
+        return {f"data_share_{name}": int(n) / total for name, n in zip(windows, counts.tolist())}
 
     def _read_skipped(self) -> int:
         """The device's count of skipped steps on the host: a sync, so only at log and save steps."""

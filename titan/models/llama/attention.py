@@ -5,17 +5,22 @@ output [B, heads, S_q, head_dim]. K and V keep their kv heads (grouped-query att
 reads kv head h // n_rep, n_rep = heads // kv_heads); `sdpa` decides per backend whether they are
 repeated. The model's kernel is `causal`; context parallelism swaps in one that attends across ranks
 (distributed/cp.py, wired by models/llama/cp.py) and calls `sdpa` with torch's lower-right causal bias.
-A document-masked (block-causal) kernel is the same call with a mask from the batch's document ids:
-`sdpa` with a boolean mask on CPU, FlexAttention on CUDA.
+Document masking (block-causal: a token sees the earlier tokens of its own document only) takes a
+mask built once per batch from its document ids (`document_mask`): a boolean mask for `sdpa` on CPU,
+where torch 2.13's FlexAttention has no backward, and a FlexAttention `BlockMask` on CUDA, which
+skips the blocks the mask rules out.
 """
 
 from collections.abc import Callable
+from functools import cache
 
 import torch
 import torch.nn.functional as F
 from torch.backends.cuda import SDPAParams, can_use_flash_attention
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 AttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+ATTENTION_CHOICES = ("causal", "block_causal")  # training.attention
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -63,3 +68,47 @@ def sdpa(
 def causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal self-attention: query i sees keys 0..i (flash on CUDA, flash-for-CPU on CPU, no mask tensor)."""
     return sdpa(q, k, v, is_causal=True)
+
+
+def document_ids(tokens: torch.Tensor, bos_id: int) -> torch.Tensor:
+    """[B, S] token ids -> [B, S] document numbers: every document starts with BOS (packing.py), so a
+    document is a run from one BOS to the next; tokens before a window's first BOS (the end of a
+    document begun in the previous window) are document 0."""
+    return (tokens == bos_id).cumsum(dim=1)
+
+
+def block_causal(documents: torch.Tensor) -> torch.Tensor:
+    """[B, S] document numbers -> the boolean mask [B, 1, S, S]: query i sees key j when j <= i and
+    both are in one document."""
+    same = documents[:, :, None] == documents[:, None, :]
+    seq = documents.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=documents.device).tril()
+    return (same & causal).unsqueeze(1)
+
+
+def flex_block_causal(documents: torch.Tensor) -> BlockMask:
+    """The same mask as a FlexAttention BlockMask, built once per batch (not per layer)."""
+
+    def mask_mod(b, h, q, kv):
+        return (kv <= q) & (documents[b, q] == documents[b, kv])
+
+    batch, seq = documents.shape
+    return create_block_mask(mask_mod, batch, None, seq, seq, device=documents.device)
+
+
+def document_mask(documents: torch.Tensor) -> torch.Tensor | BlockMask:
+    """The mask a batch's attention takes: a BlockMask on CUDA, a boolean mask elsewhere."""
+    return flex_block_causal(documents) if documents.device.type == "cuda" else block_causal(documents)
+
+
+@cache
+def _compiled_flex():
+    # FlexAttention is fast only compiled (eager runs the reference math); compiled once, per process.
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | BlockMask) -> torch.Tensor:
+    """Attention under a document mask: FlexAttention for a BlockMask, `sdpa` for a boolean mask."""
+    if isinstance(mask, BlockMask):
+        return _compiled_flex()(q, k, v, block_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+    return sdpa(q, k, v, attn_mask=mask)

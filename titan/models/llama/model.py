@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from titan.models.llama.args import ModelArgs
-from titan.models.llama.attention import AttentionKernel, causal
+from titan.models.llama.attention import AttentionKernel, causal, document_mask, masked
 
 # Weight init: normal(0, 0.02) for every embedding and linear weight (GPT-2, Megatron-LM); the two
 # projections that write into the residual stream (wo, w2) use 0.02/sqrt(2*n_layers): GPT-2
@@ -96,7 +96,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask=None) -> torch.Tensor:
         # Sliced here, not in Transformer.forward: under sequence parallelism only attention sees the
         # whole sequence; the block input holds 1/tp of it.
         bsz, seqlen, _ = x.shape
@@ -113,7 +113,9 @@ class Attention(nn.Module):
         xq, xk = apply_rotary_emb(xq, rope), apply_rotary_emb(xk, rope)
         # K and V keep their kv heads (grouped-query attention): the kernel repeats them only for a
         # backend that cannot take them as they are, and context parallelism gathers n_rep times less.
-        out = self.kernel(xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2))
+        xq, xk, xv = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)
+        # A document mask (block-causal, built once per batch) or the kernel's own causal attention.
+        out = self.kernel(xq, xk, xv) if mask is None else masked(xq, xk, xv, mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
     def init_weights(self, out_std: float):
@@ -146,8 +148,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.ffn_dim)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask=None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
     def init_weights(self, out_std: float):
@@ -170,13 +172,17 @@ class Transformer(nn.Module):
         # Not in the state dict: derived from args, recomputed by init_weights after to_empty.
         self.register_buffer("rope_cache", rope_cache(args), persistent=False)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, documents: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, S] -> logits [B, S, vocab]. A pipeline stage without tok_embeddings takes
-        hidden states [B, S, dim]; one without norm/output returns hidden states."""
+        hidden states [B, S, dim]; one without norm/output returns hidden states.
+
+        documents [B, S] (attention.document_ids): attend within each document only (block-causal).
+        """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         rope = self.rope_cache  # each attention slices it to its sequence length
+        mask = document_mask(documents) if documents is not None else None
         for layer in self.layers.values():
-            h = layer(h, rope)
+            h = layer(h, rope, mask)
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
 

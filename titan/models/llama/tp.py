@@ -39,9 +39,10 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, loss_parallel: bool) -> N
             tp_mesh,
             {
                 "attention_norm": SequenceParallel(),
-                # The rotary table (second input) is the same on every rank: left alone (None).
+                # The rotary table and the document mask (second and third inputs) are the same on every
+                # rank: left alone (None).
                 "attention": PrepareModuleInput(
-                    input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)
+                    input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None)
                 ),
                 "attention.wq": ColwiseParallel(),
                 "attention.wk": ColwiseParallel(),
