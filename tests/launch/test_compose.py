@@ -19,7 +19,9 @@ REQUIRED = {
     "data=parquet": ["data.path=/data/shard-*.parquet"],
     "data=text": ["data.path=/data/*.txt"],
     "data=tokens": ["data.path=/data/tokens", "data.tokenizer=/models/llama3/tokenizer.model"],
-    "data=mixture": ["data.sources=[{name:a,path:/data/a.jsonl,weight:3},{name:b,source:text,path:/data/b.txt}]"],
+    "data=mixture": [
+        "data.sources=[{name:a,path:/data/a.jsonl,weight:3},{name:b,source:text,path:/data/b.txt}]"
+    ],
     "experiment=llama3_8b_c4": ["data.tokenizer=${titan_asset:tokenizers/titan_debug.tiktoken}"],
 }
 

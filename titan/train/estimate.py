@@ -129,14 +129,9 @@ def _optimizer_bytes(cfg: RunConfig, params: list[torch.Tensor]) -> int:
 
 def _blocks(cfg: RunConfig, n: int, first: bool, last: bool) -> Transformer:
     """A stage like this rank's, with `n` blocks."""
-    with torch.device("meta"):
-        model = Transformer(dataclasses.replace(cfg.model, n_layers=n))
-    if not first:
-        model.tok_embeddings = None
-    if not last:
-        model.norm = None
-        model.output = None
-    return model
+    return build_stage_model(
+        dataclasses.replace(cfg.model, n_layers=n), list(range(n)), first=first, last=last
+    )
 
 
 def _measure(cfg, dims, meshes, part, first: bool, microbatch: int) -> tuple[int, int]:
