@@ -123,7 +123,6 @@ def test_async_tp_wiring_turns_on_inductor_micro_pipelining(monkeypatch):
 
     registered = []
     monkeypatch.setattr(symm, "enable_symm_mem_for_group", registered.append)
-    monkeypatch.setattr(torch._inductor.config, "_micro_pipeline_tp", False)
 
     class FakeMesh:
         def get_group(self):
@@ -132,8 +131,12 @@ def test_async_tp_wiring_turns_on_inductor_micro_pipelining(monkeypatch):
 
             return Group()
 
-    enable_async_tp(FakeMesh())
-    assert torch._inductor.config._micro_pipeline_tp is True and registered == ["tp-group"]
+    # inductor's own patcher, not monkeypatch: undoing a monkeypatch deletes the key from inductor's
+    # config module (its __delattr__ hides the key), and every later compile in the process fails.
+    with torch._inductor.config.patch(_micro_pipeline_tp=False):
+        enable_async_tp(FakeMesh())
+        assert torch._inductor.config._micro_pipeline_tp is True and registered == ["tp-group"]
+    assert torch._inductor.config._micro_pipeline_tp is False
 
 
 def test_ddp_fills_dp_replicate():

@@ -35,12 +35,11 @@ def recorder_env(folder: Path, entries: int) -> dict[str, str]:
     if entries <= 0:
         return {}
     prefix = str(Path(folder) / DUMP_PREFIX)
+    # torch 2.11+ (what titan requires) reads these names; the older TORCH_NCCL_* ones warn.
     return {
         "TORCH_FR_BUFFER_SIZE": str(entries),
-        "TORCH_NCCL_TRACE_BUFFER_SIZE": str(entries),  # the name before torch 2.7
         "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
         "TORCH_FR_DUMP_TEMP_FILE": prefix,
-        "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": prefix,  # the name before torch 2.7
     }
 
 
