@@ -10,17 +10,18 @@ import pytest
 
 from titan.launch.lock import LOCK_FILE, RunDirInUse, hold
 
-# A holder that forks a child (as a data loader does), then waits to be killed.
+# A holder that forks a child (as a data loader does), then waits to be killed. The child prints its
+# pid once it runs, that is after the fork hooks (which let go of the lock's copy) have run in it: the
+# test must not race a child that has not been scheduled yet.
 HOLDER = textwrap.dedent(
     """
     import os, sys, time
     from titan.launch.lock import hold
     hold(sys.argv[1])
-    child = os.fork()
-    if child == 0:
+    if os.fork() == 0:
+        print(os.getpid(), flush=True)
         time.sleep(60)
         os._exit(0)
-    print(child, flush=True)
     time.sleep(60)
     """
 )
