@@ -21,6 +21,7 @@ _SAVED_OPS = {
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.higher_order.flex_attention,  # document masking on CUDA (attention.py), as torchtitan saves it
     torch.ops._c10d_functional.reduce_scatter_tensor.default,
     # context parallelism's K/V all-gather: communication is dearer to redo than the memory it keeps
     torch.ops._c10d_functional.all_gather_into_tensor.default,
