@@ -11,18 +11,9 @@ import json
 import tempfile
 from pathlib import Path
 
-import torch
-from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-from torch.distributed._tools.mem_tracker import MemTracker
-from torch.distributed.tensor import DTensor
-
 from titan.config.schema import ModelArgs, RunConfig, TrainingConfig
-from titan.distributed.mesh import ParallelDims
 from titan.models.llama.args import num_params
-from titan.train.build_model import build_model
 from titan.train.estimate import estimate
-from titan.train.loss import cross_entropy_sum
-from titan.train.optim import Optimizers
 
 MODELS = {
     "debug (tiny)": ModelArgs(
@@ -36,33 +27,10 @@ MODELS = {
 LAYOUTS = {"single": ({"dp_shard": 1}, 1), "fsdp2": ({"dp_shard": -1}, 2)}
 
 
-def _bytes(tensors) -> int:
-    return sum((t.to_local() if isinstance(t, DTensor) else t).numel() * t.element_size() for t in tensors)
-
-
-def _measure(rank, world, cfg: RunConfig, out: Path):
-    dims = ParallelDims.resolve(cfg.parallelism, world)
-    (model,), _ = build_model(cfg, dims, dims.build_meshes("cpu"), torch.device("cpu"), cross_entropy_sum)
-    (optimizer,) = Optimizers([model], cfg.optimizer, torch.device("cpu")).optimizers
-    tracker = FSDPMemTracker(model, optimizer) if dims.fsdp_enabled else MemTracker()
-    tracker.track_external(model, optimizer)
-    tokens = torch.randint(0, cfg.model.vocab_size, (cfg.training.micro_batch_size, cfg.training.seq_len))
-    with tracker:
-        logits = model(tokens)
-        (forward,) = tracker.get_tracker_snapshot("current").values()
-        logits.float().sum().backward()
-        optimizer.step()
-    params = list(model.parameters())
-    state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
-    activations = next(v for k, v in forward.items() if str(getattr(k, "value", k)) == "Activation")
-    if rank == 0:
-        out.write_text(
-            json.dumps([_bytes(params), _bytes([p.grad for p in params]), _bytes(state), activations])
-        )
-
-
 def main() -> None:
-    from tests.multirank import spawn_ranks  # the test suite's fork harness: gloo ranks in this machine
+    # The test suite's fork harness (gloo ranks on this machine) and its measurement of a real run.
+    from tests.multirank import spawn_ranks
+    from tests.train.test_estimate import measure_real_run
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -90,8 +58,9 @@ def main() -> None:
                 )
                 cfg = RunConfig(model=model_args, training=training).replace(parallelism=parallelism)
                 with tempfile.TemporaryDirectory() as tmp:
-                    spawn_ranks(_measure, world, cfg, Path(tmp) / "real.json", timeout_s=600)
-                    real = json.loads((Path(tmp) / "real.json").read_text())
+                    spawn_ranks(measure_real_run, world, cfg, Path(tmp) / "real.json", timeout_s=600)
+                    measured = json.loads((Path(tmp) / "real.json").read_text())
+                real = [measured[k] for k in ("params", "grads", "optimizer", "activations")]
                 (role,) = estimate(cfg, world)
                 est = [role.param_bytes, role.grad_bytes, role.optimizer_bytes, role.activation_bytes]
                 pairs = [f"{e / mib:,.2f} / {r / mib:,.2f}" for e, r in zip(est, real, strict=True)]

@@ -13,14 +13,13 @@ import pytest
 import torch
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from torch.distributed._tools.mem_tracker import MemTracker
-from torch.distributed.tensor import DTensor
 
 from tests.multirank import spawn_ranks
 from tests.utils import tiny_config
 from titan.distributed.mesh import ParallelDims
 from titan.models.llama.args import num_params
 from titan.train.build_model import build_model
-from titan.train.estimate import estimate
+from titan.train.estimate import by_kind, estimate, local_bytes
 from titan.train.loss import cross_entropy_sum
 from titan.train.optim import Optimizers
 
@@ -28,16 +27,9 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-def _kinds(snapshot) -> dict[str, int]:
-    return {str(getattr(k, "value", k)): v for k, v in snapshot.items()}
-
-
-def _local_bytes(tensors) -> int:
-    return sum((t.to_local() if isinstance(t, DTensor) else t).numel() * t.element_size() for t in tensors)
-
-
-def _measure_real_run(rank, world, cfg, out: Path):
-    """One micro-batch forward and backward and an optimizer step of the real model, tracked."""
+def measure_real_run(rank, world, cfg, out: Path):
+    """One micro-batch forward and backward and an optimizer step of the real model, tracked; rank 0
+    writes this rank's bytes of each kind to `out` (also used by benchmarks/estimate_accuracy.py)."""
     dims = ParallelDims.resolve(cfg.parallelism, world)
     meshes = dims.build_meshes("cpu")
     (model,), _ = build_model(cfg, dims, meshes, torch.device("cpu"), cross_entropy_sum)
@@ -56,10 +48,10 @@ def _measure_real_run(rank, world, cfg, out: Path):
         out.write_text(
             json.dumps(
                 {
-                    "activations": _kinds(after_forward)["Activation"],
-                    "params": _local_bytes(params),
-                    "grads": _local_bytes([p.grad for p in params]),
-                    "optimizer": _local_bytes(state),
+                    "activations": by_kind(after_forward)["Activation"],
+                    "params": local_bytes(params),
+                    "grads": local_bytes([p.grad for p in params]),
+                    "optimizer": local_bytes(state),
                 }
             )
         )
@@ -79,7 +71,7 @@ def test_estimate_against_memtracker_in_a_real_run(tmp_path, parallelism, world,
     cfg = tiny_config(
         tmp_path, parallelism=parallelism, optimizer={"name": "adamw"}, training={"ac": ac, "seq_len": 128}
     )
-    spawn_ranks(_measure_real_run, world, cfg, tmp_path / "real.json")
+    spawn_ranks(measure_real_run, world, cfg, tmp_path / "real.json")
     real = json.loads((tmp_path / "real.json").read_text())
     (role,) = estimate(cfg, world)
     assert (role.param_bytes, role.grad_bytes, role.optimizer_bytes) == (

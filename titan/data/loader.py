@@ -147,10 +147,14 @@ class TrainLoader:
         self.data, self.seq_len, self.global_batch_size = data, seq_len, global_batch_size
         self.streams = list(range(dp_rank * per_rank, (dp_rank + 1) * per_rank))
         self.tokenizer = build_tokenizer(data.tokenizer)
-        checked_files(data)
         if data.source == "mixture":
             names = [s.name for s in data.sources]
-            self.files = {s.name: self._source_files(source_data(data, s), per_rank) for s in data.sources}
+            self.files = {}
+            for source in data.sources:
+                try:
+                    self.files[source.name] = self._source_files(source_data(data, source), per_rank)
+                except ValueError as e:
+                    raise ValueError(f"data.sources {source.name!r}: {e}") from None
             self._states = {stream_key(j): mixture_state(global_batch_size, names) for j in self.streams}
         else:
             self.files = self._source_files(data, per_rank)
@@ -158,8 +162,9 @@ class TrainLoader:
         self._workers: Any = None  # the live DataLoader iterator, when there are workers
 
     def _source_files(self, data: DataConfig, per_rank: int) -> LocalFiles | TokenShards | None:
-        """Random access to one source's documents (None for the Hub, which streams)."""
+        """Random access to one source's documents, checked once (None for the Hub, which streams)."""
         if data.source == "huggingface":
+            checked_files(data)  # data.path is set; the Hub itself is not contacted
             return None
         files = (
             TokenShards(data)

@@ -12,7 +12,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from titan.config.schema import DataConfig
-from titan.data.checks import check_data, checked_files
+from titan.data.checks import check_choices, checked_files
 from titan.data.documents import stream_documents
 from titan.data.formats import BadRecord
 from titan.data.records import LocalFiles
@@ -37,11 +37,11 @@ def _encode(texts: list[str | None]) -> list[list[int]]:
     ]
 
 
-def _documents(data: DataConfig, bad_records: list[BadRecord]) -> Iterator[str | None]:
+def _documents(data: DataConfig, files: list[Path], bad_records: list[BadRecord]) -> Iterator[str | None]:
     """Every document of the source in reading order (one stream over all of it); a bad record is None
     with data.on_bad_record=skip, and stops here otherwise."""
-    files = None if data.source == "huggingface" else LocalFiles(data, checked_files(data))
-    for text in stream_documents(data, files, 0, 1).iterate(None):
+    records = None if data.source == "huggingface" else LocalFiles(data, files)
+    for text in stream_documents(data, records, 0, 1).iterate(None):
         if isinstance(text, BadRecord):
             if data.on_bad_record != "skip":
                 raise text
@@ -61,7 +61,9 @@ def pretokenize(
     """Write `data`'s documents as token shards into `out` (see token_shards.py); returns `out`."""
     if data.source == "tokens":
         raise ValueError("data.source=tokens is already pretokenized: give the text source it was made from")
-    tokenizer = check_data(data)
+    check_choices(data)
+    tokenizer = build_tokenizer(data.tokenizer)
+    files = checked_files(data)  # once: the pre-flight check of every file
     made_with = {
         "path": str(Path(data.tokenizer).resolve()),
         "sha256": tokenizer_fingerprint(data.tokenizer),
@@ -77,7 +79,7 @@ def pretokenize(
         **({"shard_tokens": shard_tokens} if shard_tokens else {}),
     )
     bad_records: list[BadRecord] = []
-    documents = _documents(data, bad_records)
+    documents = _documents(data, files, bad_records)
     batches = iter(lambda: list(itertools.islice(documents, BATCH_DOCUMENTS)), [])
     bar = tqdm(desc=f"pretokenize {data.path}", unit=" tok", unit_scale=True, disable=not progress)
     pool = None

@@ -82,12 +82,17 @@ def fake_rank(rank: int, world: int) -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def _local_bytes(tensors) -> int:
+def local_bytes(tensors) -> int:
     total = 0
     for t in tensors:
         local = t.to_local() if isinstance(t, DTensor) else t
         total += local.numel() * local.element_size()
     return total
+
+
+def _plan(cfg: RunConfig, dims: ParallelDims):
+    """The pipeline's stages and micro-batches (pure arithmetic, as the trainer plans them)."""
+    return plan_pipeline(cfg.model, cfg.parallelism, local_batch=cfg.training.global_batch_size // dims.dp)
 
 
 def _stage_parts(
@@ -98,7 +103,7 @@ def _stage_parts(
     if dims.pp == 1:
         with torch.device("meta"):
             return [Transformer(cfg.model)], [(True, True)], cfg.training.micro_batch_size
-    plan = plan_pipeline(cfg.model, cfg.parallelism, local_batch=cfg.training.global_batch_size // dims.dp)
+    plan = _plan(cfg, dims)
     ids = stage_ids(plan.schedule, pp_rank, plan.pp, plan.num_stages)
     last = plan.num_stages - 1
     parts = [build_stage_model(cfg.model, plan.layers[s], first=s == 0, last=s == last) for s in ids]
@@ -111,7 +116,7 @@ def _inflight(cfg: RunConfig, dims: ParallelDims, pp_rank: int) -> int:
     ahead of this one (pp - pp_rank), at most all."""
     if dims.pp == 1:
         return 1
-    plan = plan_pipeline(cfg.model, cfg.parallelism, local_batch=cfg.training.global_batch_size // dims.dp)
+    plan = _plan(cfg, dims)
     if plan.schedule == "GPipe":
         return plan.n_microbatches
     per_rank = plan.num_stages // plan.pp
@@ -121,7 +126,7 @@ def _inflight(cfg: RunConfig, dims: ParallelDims, pp_rank: int) -> int:
 def _optimizer_bytes(cfg: RunConfig, params: list[torch.Tensor]) -> int:
     """AdamW: two moments shaped and typed as each parameter, and a float32 step counter per tensor;
     SGD: a momentum buffer when momentum is on."""
-    param_bytes = _local_bytes(params)
+    param_bytes = local_bytes(params)
     if cfg.optimizer.name == "adamw":
         return 2 * param_bytes + 4 * len(params)
     return param_bytes if cfg.optimizer.momentum else 0
@@ -159,16 +164,16 @@ def _measure(cfg, dims, meshes, part, first: bool, microbatch: int) -> tuple[int
             (after_forward,) = tracker.get_tracker_snapshot("current").values()
             out.float().sum().backward()
     (peak,) = tracker.get_tracker_snapshot("peak").values()
-    at_peak = _by_kind(peak)
+    at_peak = by_kind(peak)
     persistent = sum(at_peak.get(k, 0) for k in STATE_KINDS) + at_peak.get("Activation", 0)
-    return _by_kind(after_forward).get("Activation", 0), max(at_peak["Total"] - persistent, 0)
+    return by_kind(after_forward).get("Activation", 0), max(at_peak["Total"] - persistent, 0)
 
 
 # MemTracker's and FSDPMemTracker's names for parameters, gradients and optimizer state.
 STATE_KINDS = ("Parameter", "Sharded Param", "Gradient", "Sharded Grad", "Optstate", "OptState")
 
 
-def _by_kind(snapshot: dict) -> dict[str, int]:
+def by_kind(snapshot: dict) -> dict[str, int]:
     return {str(getattr(k, "value", k)): v for k, v in snapshot.items()}
 
 
@@ -206,7 +211,7 @@ def estimate_role(cfg: RunConfig, world: int, pp_rank: int) -> RoleEstimate:
             ]
             activations += _extrapolate([a for a, _ in runs], len(part.layers))
             other += _extrapolate([o for _, o in runs], len(part.layers))
-    param_bytes = _local_bytes(params)
+    param_bytes = local_bytes(params)
     inflight = _inflight(cfg, dims, pp_rank)
     return RoleEstimate(
         role=f"pp stage {pp_rank}" if dims.pp > 1 else "every rank",
