@@ -7,7 +7,10 @@ embeddings, SwiGLU feed-forward) with three changes for training at scale:
 - `layers` is an `nn.ModuleDict` keyed "0", "1", ... so a pipeline stage can delete blocks and
   keep every parameter name; `tok_embeddings`, `norm` and `output` may be set to None;
 - `init_weights` fills every tensor in place, so the model can be built on the meta device,
-  sharded, materialised with `to_empty` and only then initialised.
+  sharded, materialised with `to_empty` and only then initialised;
+- Meta's `start_pos` is a `positions` input, the rotary position of each token (a decode step's
+  offset, or positions that restart with each document), and the KV cache (Meta's cache_k/cache_v)
+  is an object generation sets on each Attention (kv_cache.py); training leaves it None.
 """
 
 import math
@@ -19,6 +22,7 @@ from torch import nn
 
 from titan.models.llama.args import ModelArgs
 from titan.models.llama.attention import AttentionKernel, causal, document_mask, masked
+from titan.models.llama.kv_cache import KVCache, cached_attention
 
 # Weight init: normal(0, 0.02) for every embedding and linear weight (GPT-2, Megatron-LM); the two
 # projections that write into the residual stream (wo, w2) use 0.02/sqrt(2*n_layers): GPT-2
@@ -73,12 +77,25 @@ def rope_cache(args: ModelArgs) -> torch.Tensor:
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
+def document_positions(documents: torch.Tensor) -> torch.Tensor:
+    """[B, S] document numbers (attention.document_ids: nondecreasing along a row) -> [B, S] the position
+    of each token within its document: its index minus the index of its document's first token."""
+    index = torch.arange(documents.shape[1], device=documents.device).expand_as(documents)
+    first = torch.ones_like(documents, dtype=torch.bool)
+    first[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    # The latest document start at or before each token: a running max of the start indices.
+    start = torch.where(first, index, 0).cummax(dim=1).values
+    return index - start
+
+
 def apply_rotary_emb(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate each (even, odd) pair of x [B, S, heads, head_dim] by its angle; rope is [S, head_dim].
+    """Rotate each (even, odd) pair of x [B, S, heads, head_dim] by its angle; rope is [S, head_dim]
+    (one row per position, shared by the batch) or [B, S, head_dim] (one row per token).
 
     The real form of Meta's complex product (x0 + i*x1) * (cos + i*sin), computed in float32.
     """
-    cos, sin = rope.view(1, x.shape[1], 1, -1).chunk(2, dim=-1)
+    rope = rope.view(1, x.shape[1], 1, -1) if rope.dim() == 2 else rope.unsqueeze(2)
+    cos, sin = rope.chunk(2, dim=-1)
     pairs = x.float().unflatten(-1, (-1, 2))
     x0, x1 = pairs[..., 0], pairs[..., 1]
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
@@ -90,6 +107,8 @@ class Attention(nn.Module):
         super().__init__()
         # The attention kernel (attention.py); context parallelism swaps in one that sees the whole sequence.
         self.kernel: AttentionKernel = causal
+        # Generation's keys and values so far (generation.py sets it); None in training.
+        self.cache: KVCache | None = None
         self.head_dim = args.head_dim
         self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
@@ -97,15 +116,18 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, mask=None) -> torch.Tensor:
-        # Sliced here, not in Transformer.forward: under sequence parallelism only attention sees the
-        # whole sequence; the block input holds 1/tp of it.
+        """rope: the whole table [max_seq_len, head_dim], or its rows at given positions ([S, head_dim],
+        [B, S, head_dim]: Transformer.forward's `positions`)."""
         bsz, seqlen, _ = x.shape
-        if seqlen > rope.shape[0]:
-            raise ValueError(
-                f"sequence of {seqlen} tokens is longer than the rotary table ({rope.shape[0]}); "
-                "raise model.max_seq_len"
-            )
-        rope = rope[:seqlen]
+        if rope.dim() == 2:
+            # Sliced here, not in Transformer.forward: under sequence parallelism only attention sees the
+            # whole sequence; the block input holds 1/tp of it.
+            if seqlen > rope.shape[0]:
+                raise ValueError(
+                    f"sequence of {seqlen} tokens is longer than the rotary table ({rope.shape[0]}); "
+                    "raise model.max_seq_len"
+                )
+            rope = rope[:seqlen]
         # -1 heads: under tensor parallelism each rank holds a slice of the heads.
         xq = self.wq(x).view(bsz, seqlen, -1, self.head_dim)
         xk = self.wk(x).view(bsz, seqlen, -1, self.head_dim)
@@ -114,8 +136,13 @@ class Attention(nn.Module):
         # K and V keep their kv heads (grouped-query attention): the kernel repeats them only for a
         # backend that cannot take them as they are, and context parallelism gathers n_rep times less.
         xq, xk, xv = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)
-        # A document mask (block-causal, built once per batch) or the kernel's own causal attention.
-        out = self.kernel(xq, xk, xv) if mask is None else masked(xq, xk, xv, mask)
+        if self.cache is not None:  # generation: attend over every token fed so far
+            if mask is not None:
+                raise ValueError("a KV cache attends causally over one sequence: it takes no document mask")
+            out = cached_attention(xq, *self.cache.update(xk, xv))
+        else:
+            # A document mask (block-causal, built once per batch) or the kernel's own causal attention.
+            out = self.kernel(xq, xk, xv) if mask is None else masked(xq, xk, xv, mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
     def init_weights(self, out_std: float):
@@ -172,14 +199,22 @@ class Transformer(nn.Module):
         # Not in the state dict: derived from args, recomputed by init_weights after to_empty.
         self.register_buffer("rope_cache", rope_cache(args), persistent=False)
 
-    def forward(self, tokens: torch.Tensor, documents: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        documents: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """tokens [B, S] -> logits [B, S, vocab]. A pipeline stage without tok_embeddings takes
         hidden states [B, S, dim]; one without norm/output returns hidden states.
 
         documents [B, S] (attention.document_ids): attend within each document only (block-causal).
+        positions [S] or [B, S] int64: the rotary position of each token (default 0..S-1): a decode
+        step's offset after the tokens in the KV cache, or `document_positions(documents)`.
         """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        rope = self.rope_cache  # each attention slices it to its sequence length
+        # The whole table, which each attention slices to its sequence length; or the given rows.
+        rope = self.rope_cache if positions is None else self.rope_cache[positions]
         mask = document_mask(documents) if documents is not None else None
         for layer in self.layers.values():
             h = layer(h, rope, mask)
