@@ -74,14 +74,18 @@ def test_cli_writes_the_table_and_one_curve_per_run(sweep, capsys):
 def test_the_plot_marks_logged_points_draws_validation_and_titles_the_common_overrides(tmp_path):
     run_dir = tmp_path / "r"
     make_run(run_dir, ["optimizer.lr=1e-3", "training.steps=4"], [], steps=4)
-    records = [
+    records = [  # validation writes records of its own after the step's (MetricsLogger.log_validation)
         {"step": 1, "loss": 3.0},
-        {"step": 2, "loss": 2.5, "tokens_per_second": 10.0, "val_loss": 2.7},
+        {"step": 2, "loss": 2.5, "tokens_per_second": 10.0},
+        {"step": 2, "val_loss": 2.7, "val_perplexity": 14.9},
         {"step": 3, "loss": 2.2},
-        {"step": 4, "loss": 2.0, "tokens_per_second": 10.0, "val_loss": 2.1},
+        {"step": 4, "loss": 2.0, "tokens_per_second": 10.0},
+        {"step": 4, "val_loss": 2.1, "val_perplexity": 8.2},
     ]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     make_run(tmp_path / "s", ["optimizer.lr=1e-3", "training.steps=4"], [3.0, 2.9], steps=4)
+    rows = {r["run"]: r for r in report.report(tmp_path)}
+    assert rows["r"]["last_loss"] == 2.0 and rows["r"]["val_loss"] == 2.1 and rows["s"]["val_loss"] is None
     fig = report.plot(report.report(tmp_path), tmp_path / "p.png")
     (curves,) = fig.axes  # no swept key: no sweep panel
     every, marked, validation = (line for line in curves.get_lines()[:3])

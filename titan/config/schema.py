@@ -49,6 +49,10 @@ class TrainingConfig:
     # causal | block_causal: each token attends within its own document only (documents start at BOS);
     # SDPA with a boolean mask on CPU, FlexAttention on CUDA (titan/models/llama/attention.py)
     attention: str = "causal"
+    # sequence | document (block_causal only): a token's rotary position counts from the start of its
+    # document instead of the window's; with the block-causal mask only rounding changes inside the
+    # window (RoPE is relative), and positions never run past the longest document
+    rope_positions: str = "sequence"
     # chunked: the fp32 logits of one chunk of tokens at a time, never the whole batch's | full (titan/train/loss.py)
     cross_entropy: str = "chunked"
 
@@ -120,6 +124,10 @@ class DataConfig:
     # mixture: a source whose documents run out in a sequence slot starts again (wrap: an epoch,
     # logged) or stops the run (stop)
     on_source_end: str = "wrap"
+    # Hold out every N-th document of each local source (records N-1, 2N-1, ... of each file) for
+    # validation; training never reads them. 0: nothing held out. Needs local files or token shards
+    # (a hub dataset is validated on its own split: validation.data).
+    holdout_every: int = 0
 
 
 @dataclass(frozen=True)
@@ -207,6 +215,21 @@ class ProfilingConfig:
 
 
 @dataclass(frozen=True)
+class ValidationConfig:
+    """The loss on held-out data during training (titan/train/validation.py)."""
+
+    enable: bool = False
+    every: int = 100  # steps between evaluations; the last step is always evaluated
+    steps: int = 10  # batches per evaluation: the same batches every time
+    global_batch_size: int | None = None  # sequences per batch over all dp ranks; None: training's
+    # The held-out data: None takes the documents data.holdout_every holds out of the training data;
+    # otherwise any data config (a file, a hub split, token shards, a mixture), for example
+    # `+data@validation.data=jsonl validation.data.path=/data/valid.jsonl`. Its tokenizer must be
+    # data.tokenizer.
+    data: DataConfig | None = None
+
+
+@dataclass(frozen=True)
 class RunDirConfig:
     """Where the run directory is, and whether a run found there resumes."""
 
@@ -227,6 +250,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     run: RunDirConfig = field(default_factory=RunDirConfig)
     # validate, then print each rank role's memory and the step's work, estimated on fake tensors

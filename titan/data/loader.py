@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from titan.config.schema import DataConfig
 from titan.data.checks import check_choices, checked_files, num_workers_problem
 from titan.data.documents import stream_documents
+from titan.data.holdout import HeldOutSplit, Part
 from titan.data.mixture import MixedStream, mixture_state, source_data
 from titan.data.packing import PackedStream
 from titan.data.records import LocalFiles
@@ -126,8 +127,17 @@ class TrainLoader:
     """Packed (inputs, labels) batches for one data-parallel rank, endless, checkpointable."""
 
     def __init__(
-        self, data: DataConfig, *, seq_len: int, global_batch_size: int, dp_rank: int, dp_degree: int
+        self,
+        data: DataConfig,
+        *,
+        seq_len: int,
+        global_batch_size: int,
+        dp_rank: int,
+        dp_degree: int,
+        part: Part = "train",
     ):
+        """part: with data.holdout_every > 0, read the training documents or the held-out ones
+        (holdout.py)."""
         if seq_len < 1 or global_batch_size < 1:
             raise ValueError(
                 f"training.seq_len={seq_len} and training.global_batch_size={global_batch_size} must be >= 1"
@@ -144,7 +154,13 @@ class TrainLoader:
             raise ValueError(problem)
         check_choices(data)
         per_rank = global_batch_size // dp_degree
+        if part == "heldout" and data.holdout_every == 0:
+            raise ValueError(
+                "validation reads the held-out documents of the training data, but data.holdout_every=0 "
+                "holds none out: set data.holdout_every=N (every N-th document) or give validation.data"
+            )
         self.data, self.seq_len, self.global_batch_size = data, seq_len, global_batch_size
+        self.part = part
         self.streams = list(range(dp_rank * per_rank, (dp_rank + 1) * per_rank))
         self.tokenizer = build_tokenizer(data.tokenizer)
         if data.source == "mixture":
@@ -161,30 +177,46 @@ class TrainLoader:
             self._states = {stream_key(j): StreamState(global_batch_size).to_dict() for j in self.streams}
         self._workers: Any = None  # the live DataLoader iterator, when there are workers
 
-    def _source_files(self, data: DataConfig, per_rank: int) -> LocalFiles | TokenShards | None:
+    def _source_files(
+        self, data: DataConfig, per_rank: int
+    ) -> LocalFiles | TokenShards | HeldOutSplit | None:
         """Random access to one source's documents, checked once (None for the Hub, which streams)."""
         if data.source == "huggingface":
             checked_files(data)  # data.path is set; the Hub itself is not contacted
+            if data.holdout_every:
+                raise ValueError(
+                    f"data.holdout_every={data.holdout_every} needs local files or token shards, not the "
+                    f"streamed hub dataset {data.path}: set it to 0 and validate on the dataset's own "
+                    "split (validation.data with split=validation)"
+                )
             return None
         files = (
             TokenShards(data)
             if data.source == "tokens"
             else LocalFiles(data, checked_files(data), per_rank + 2)
         )
+        if data.holdout_every:
+            files = HeldOutSplit(files, data.holdout_every, self.part)
         self._check_enough_documents(data, files)
         return files
 
-    def _check_enough_documents(self, data: DataConfig, files: LocalFiles | TokenShards) -> None:
+    def _check_enough_documents(
+        self, data: DataConfig, files: LocalFiles | TokenShards | HeldOutSplit
+    ) -> None:
         """Every stream must get documents. With at least one file per stream that is down to the
         files (an empty one is caught by check_data); with fewer files, count the records."""
         if len(files.files) >= self.global_batch_size:
             return
         records = sum(files.count(f) for f in range(len(files.files)))
         if records < self.global_batch_size:
+            held_out, key = (
+                (" held-out", "validation.global_batch_size")
+                if self.part == "heldout"
+                else ("", "training.global_batch_size")
+            )
             raise ValueError(
-                f"data.path={data.path} has {records} documents but training.global_batch_size="
-                f"{self.global_batch_size} needs at least one per sequence slot; add data or lower "
-                "training.global_batch_size"
+                f"data.path={data.path} has {records}{held_out} documents but {key}="
+                f"{self.global_batch_size} needs at least one per sequence slot; add data or lower {key}"
             )
 
     def state_dict(self) -> dict[str, dict]:

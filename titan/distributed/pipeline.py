@@ -9,7 +9,13 @@ Three steps, in this order (the trainer's parallelisms go in the middle):
    through `Pipeline(plan, pp_mesh, build_stage)` (`pipeline.model_parts`);
 2. the trainer applies TP -> AC -> compile -> FSDP to each part, `to_empty`s and initialises it;
 3. `pipeline.build_schedule(device, loss_fn)` wraps the parts in `PipelineStage`s and the schedule;
-then `pipeline.step(inputs, labels, grad_scale=...)` once per optimizer step.
+then `pipeline.step(inputs, labels, grad_scale=..., **side_inputs)` once per optimizer step.
+
+Side inputs are per-sequence tensors every stage's forward takes as keyword arguments (the document
+ids of block-causal attention): only the first stage sees the tokens, so each pipeline rank, which
+holds the same batch, hands them to its own stages. torch's schedules cut keyword tensors into
+microbatches along dim 0 like the inputs, give microbatch i's to every stage's forward of microbatch
+i, and neither send them between stages nor return gradients for them.
 
 Schedules (torch's names): GPipe and 1F1B run one stage per rank; Interleaved1F1B, LoopedBFS and
 InterleavedZeroBubble run `v` stages per rank in a loop (rank r holds stages r, r+pp, r+2pp, ...);
@@ -44,6 +50,8 @@ SPLIT_BACKWARD = ("InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
 # torch refuses fewer microbatches than stages for these (checked here, before any process group);
 # the others run with fewer (measured exact on 2 ranks down to one microbatch), only with more bubble.
 NEEDS_MICROBATCH_PER_STAGE = ("1F1B", "DualPipeV")
+# Keywords of torch's `schedule.step` itself: a side input of one of these names would not reach the model.
+SCHEDULE_STEP_KEYWORDS = ("target", "losses", "return_outputs", "loss_kwargs")
 
 
 @dataclass(frozen=True)
@@ -225,26 +233,63 @@ class Pipeline:
         self._loss_sums.append(loss_sum.detach())
         return loss_sum * self._grad_scale
 
-    def step(self, inputs: torch.Tensor, labels: torch.Tensor, *, grad_scale: float) -> torch.Tensor | None:
+    def step(
+        self,
+        inputs: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        grad_scale: float,
+        **side_inputs: torch.Tensor | None,
+    ) -> torch.Tensor | None:
         """Forward and backward over this rank's local batch (gradients accumulate into .grad).
 
         Every rank of the pipeline passes the same batch; the first stage reads the inputs, the last
         the labels. Each microbatch's backward starts from loss_fn(...) * grad_scale, so with
         grad_scale = dp / global_tokens the gradients equal the single-process ones. Returns the
         unscaled loss summed over the local batch on the rank holding the last stage, else None.
+
+        side_inputs: tensors [local batch, ...] that every stage's forward takes as keyword arguments,
+        cut into microbatches like the inputs (e.g. `documents=document_ids(inputs, bos_id)`); one
+        given as None is left out, so the stages run with their default.
         """
         if self.schedule is None:
             raise RuntimeError("call build_schedule(device, loss_fn) before step()")
         device = self._device
+        side = {name: t.to(device) for name, t in side_inputs.items() if t is not None}
+        for name, t in side.items():
+            if name in SCHEDULE_STEP_KEYWORDS:
+                raise ValueError(f"side input {name!r} is a keyword of the schedule's step; rename it")
+            if t.shape[0] != inputs.shape[0]:
+                raise ValueError(
+                    f"side input {name!r} holds {t.shape[0]} sequences, the inputs {inputs.shape[0]}"
+                )
         self._grad_scale = grad_scale
         self._loss_sums = []
         args = (inputs.to(device),) if self.has_first_stage else ()
         target = labels.to(device) if self.has_last_stage else None
-        self.schedule.step(*args, target=target, return_outputs=False)
+        self.schedule.step(*args, target=target, return_outputs=False, **side)
         if not self.has_last_stage:
             return None
         # On the first step torch infers the stages' shapes with one extra forward/backward of
         # microbatch 0 (its loss included, not accumulated into .grad): the last n losses are the step's.
+        return torch.stack(self._loss_sums[-self.plan.n_microbatches :]).sum()
+
+    @torch.no_grad()
+    def evaluate(
+        self, inputs: torch.Tensor, labels: torch.Tensor, **side_inputs: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Forward only (torch's `schedule.eval`), as `step` takes its inputs: the unscaled loss summed
+        over the local batch on the rank holding the last stage, else None. No gradient is touched."""
+        if self.schedule is None:
+            raise RuntimeError("call build_schedule(device, loss_fn) before evaluate()")
+        device = self._device
+        side = {name: t.to(device) for name, t in side_inputs.items() if t is not None}
+        self._loss_sums = []
+        args = (inputs.to(device),) if self.has_first_stage else ()
+        target = labels.to(device) if self.has_last_stage else None
+        self.schedule.eval(*args, target=target, **side)
+        if not self.has_last_stage:
+            return None
         return torch.stack(self._loss_sums[-self.plan.n_microbatches :]).sum()
 
 

@@ -24,16 +24,25 @@ IDENTITY_KEYS = (
     "data.tokenizer",
     "data.sources",
     "data.mix_seed",
+    "data.holdout_every",
     "optimizer.",
     "training.seed",
     "training.global_batch_size",
     "training.seq_len",
     "training.max_norm",
+    "training.attention",
+    "training.rope_positions",
 )
 IDENTITY_GROUPS = ("model", "data", "optimizer")
 # Identity keys added since runs were first named, at the value that means "as before": left out of
 # the hash, so that adding one never renames (and so never fails to resume) an existing run.
-ADDED_IDENTITY_DEFAULTS = {"data.sources": [], "data.mix_seed": 0}
+ADDED_IDENTITY_DEFAULTS = {
+    "data.sources": [],
+    "data.mix_seed": 0,
+    "data.holdout_every": 0,
+    "training.attention": "causal",
+    "training.rope_positions": "sequence",
+}
 # In a sweep, every point is its own run even where only its layout differs (the layouts sweep):
 # points are named by all their overrides but these, which say where and how a job is watched and
 # scheduled.

@@ -29,6 +29,7 @@ COLUMNS = (
     "steps",
     "last_loss",
     "best_loss",
+    "val_loss",
     "tokens_per_s",
     "mfu",
     "job",
@@ -77,6 +78,9 @@ def summarize(run_dir: Path, root: Path, slurm: dict[str, str]) -> dict:
         r["loss"] for r in records if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])
     ]
     last_step = records[-1]["step"] if records else 0
+    # validation writes records of its own (val_loss), between the training ones
+    train = [r for r in records if "loss" in r]
+    validated = [r for r in records if "val_loss" in r]
     # Step 1 includes start-up: leave it out of the throughput when there is more.
     timed = [r for r in records if r["step"] > 1] or records
     state = jobstate.run_state(run_dir, slurm, complete=bool(total) and last_step >= total)
@@ -87,7 +91,8 @@ def summarize(run_dir: Path, root: Path, slurm: dict[str, str]) -> dict:
         "attempts": state.attempts,
         "steps": last_step,
         "total_steps": total,
-        "last_loss": records[-1].get("loss") if records else None,
+        "last_loss": train[-1]["loss"] if train else None,
+        "val_loss": validated[-1]["val_loss"] if validated else None,
         "best_loss": min(losses) if losses else None,
         "tokens_per_s": _mean(
             [r["global_tokens_per_second"] for r in timed if "global_tokens_per_second" in r]
@@ -125,7 +130,7 @@ def cell(row: dict, column: str, exact: bool = False) -> str:
         return str(value)
     if column == "steps":
         return f"{value}/{row['total_steps']}" if row.get("total_steps") else str(value)
-    if column in ("last_loss", "best_loss"):
+    if column in ("last_loss", "best_loss", "val_loss"):
         return f"{value:.4f}"
     if column == "tokens_per_s":
         return f"{value:,.0f}"

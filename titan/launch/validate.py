@@ -14,6 +14,7 @@ from titan.config.schema import RunConfig
 from titan.data.checks import check_data, num_workers_problem, vocab_warning
 from titan.data.documents import SOURCES
 from titan.data.formats import BAD_RECORD_POLICIES
+from titan.data.holdout import overlap_problem
 from titan.distributed.ac import AC_MODES
 from titan.distributed.float8 import FLOAT8_DIM_MULTIPLE, FLOAT8_RECIPES
 from titan.distributed.fsdp import DTYPES, RESHARD_CHOICES
@@ -22,8 +23,10 @@ from titan.launch.identity import run_name_problem
 from titan.models.llama.attention import ATTENTION_CHOICES
 from titan.train.loss import CROSS_ENTROPY_CHOICES
 from titan.train.optim import OPTIMIZERS, SCHEDULES, effective_warmup
+from titan.train.validation import validation_batch_size
 
 RESUME_POLICIES = ("auto", "never", "must")
+ROPE_POSITIONS = ("sequence", "document")
 PROGRESS_MODES = ("auto", "bar", "lines")
 DEVICES = ("auto", "cpu", "cuda")
 # The LR schedule computes in float64, exact for whole numbers up to 2**53: a step count past it is a typo.
@@ -71,6 +74,12 @@ def validate(cfg: RunConfig, world: int) -> ParallelDims:
     _choice(errors, "training.float8", t.float8, FLOAT8_RECIPES)
     _choice(errors, "training.cross_entropy", t.cross_entropy, CROSS_ENTROPY_CHOICES)
     _choice(errors, "training.attention", t.attention, ATTENTION_CHOICES)
+    _choice(errors, "training.rope_positions", t.rope_positions, ROPE_POSITIONS)
+    if t.rope_positions == "document" and t.attention != "block_causal":
+        errors.append(
+            "training.rope_positions=document restarts positions at each document, which only means "
+            "something when tokens attend within their document: set training.attention=block_causal"
+        )
     _positive(errors, "training.control_every", t.control_every)
     _positive(errors, "training.collective_timeout_s", t.collective_timeout_s)
     _positive(errors, "training.first_step_timeout_s", t.first_step_timeout_s)
@@ -137,6 +146,11 @@ def validate(cfg: RunConfig, world: int) -> ParallelDims:
     _choice(errors, "data.source", d.source, SOURCES)
     _choice(errors, "data.on_bad_record", d.on_bad_record, BAD_RECORD_POLICIES)
     _positive(errors, "data.num_workers", d.num_workers, 0)
+    _positive(errors, "data.holdout_every", d.holdout_every, 0)
+    if d.holdout_every == 1:
+        errors.append("data.holdout_every=1 would hold out every document; use 0 (none) or >= 2")
+    if dims is not None:
+        errors += validation_problems(cfg, dims)
     errors += config_problems(cfg.checkpoint)
     _positive(errors, "metrics.log_freq", cfg.metrics.log_freq)
     _choice(errors, "metrics.progress", cfg.metrics.progress, PROGRESS_MODES)
@@ -180,11 +194,6 @@ def _check_model_parallel(errors: list[str], cfg: RunConfig, dims: ParallelDims)
             f"training.attention=block_causal with parallelism.cp={dims.cp}: each context-parallel rank "
             "attends with torch's lower-right causal kernel over its share of the sequence, which takes no "
             "document mask; use parallelism.cp=1 (document masking keeps sequences short anyway)"
-        )
-    if cfg.training.attention == "block_causal" and dims.pp > 1:
-        errors.append(
-            f"training.attention=block_causal with parallelism.pp={dims.pp}: pipeline stages after the first "
-            "receive hidden states, not the tokens the document mask is built from; use parallelism.pp=1"
         )
     if p.cpu_offload and not dims.fsdp_enabled:
         errors.append(
@@ -231,7 +240,50 @@ def validate_data(cfg: RunConfig) -> None:
     try:
         tokenizer = check_data(cfg.data)
         warning = vocab_warning(tokenizer, cfg.data.tokenizer, cfg.model.vocab_size)
+        if cfg.validation.enable and cfg.validation.data is not None:
+            try:
+                check_data(cfg.validation.data)
+            except ValueError as e:
+                raise ValueError(f"validation.data: {e}") from None
+            problem = overlap_problem(cfg.data, cfg.validation.data)
+            if problem:
+                raise ValueError(problem)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     if warning:
         logging.getLogger("titan").warning("warning: %s", warning)
+
+
+def validation_problems(cfg: RunConfig, dims: ParallelDims) -> list[str]:
+    """The `validation` block against the layout and the training data (files are compared in
+    validate_data)."""
+    v, t = cfg.validation, cfg.training
+    if not v.enable:
+        return []
+    errors: list[str] = []
+    _positive(errors, "validation.every", v.every)
+    _positive(errors, "validation.steps", v.steps)
+    batch = validation_batch_size(cfg)
+    if batch % dims.dp:
+        errors.append(
+            f"validation.global_batch_size={batch} is not divisible by dp={dims.dp}; use "
+            f"{_nearest_multiples(batch, dims.dp)}"
+        )
+    if dims.pp > 1 and batch != t.global_batch_size:
+        errors.append(
+            f"validation.global_batch_size={batch} with parallelism.pp={dims.pp}: the pipeline's "
+            f"microbatches are cut for training.global_batch_size={t.global_batch_size}; set "
+            "validation.global_batch_size=null"
+        )
+    if v.data is None and not cfg.data.holdout_every:
+        errors.append(
+            "validation.enable=true needs held-out data: set data.holdout_every=N (every N-th document of "
+            "the training data is held out of training) or give validation.data"
+        )
+    if v.data is not None:
+        if v.data.tokenizer != cfg.data.tokenizer:
+            errors.append(
+                f"validation.data.tokenizer={v.data.tokenizer} is not data.tokenizer={cfg.data.tokenizer}: "
+                "a loss over other token ids says nothing about the model; use the training tokenizer"
+            )
+    return errors

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import netrc
 import os
 import pathlib
@@ -104,6 +105,13 @@ def wandb_mode() -> str | None:
     except (OSError, netrc.NetrcParseError):
         entry = None
     return None if entry and entry[2] else "offline"
+
+
+def _exp(x: float) -> float:
+    try:
+        return math.exp(x)
+    except OverflowError:  # past ~709.8 nats
+        return math.inf
 
 
 def format_line(record: dict[str, Any], total_steps: int) -> str:
@@ -377,6 +385,37 @@ class MetricsLogger:
         if self._bar is not None:
             self._bar.set_loss(record["loss"])
         logger.info(format_line(record, self.total_steps))
+        return record
+
+    def log_validation(self, step: int, *, loss: float, tokens: int, seconds: float) -> dict:
+        """A record of its own for an evaluation on held-out data (validation.py): `val_loss` (mean
+        nats per token over `tokens` tokens), `val_perplexity` = exp(val_loss), `val_seconds`."""
+        record: dict[str, Any] = {
+            "step": step,
+            "val_loss": float(loss),
+            "val_perplexity": _exp(loss),
+            "val_tokens": tokens,
+            "val_seconds": seconds,
+            "elapsed_s": self._elapsed_offset + time.monotonic() - self._t0,
+        }
+        if not self.enabled:
+            return record
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for key in ("val_loss", "val_perplexity"):
+                self._tb.add_scalar(key, record[key], step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=step)
+        logger.info(
+            "step %d  validation: loss %.4f  perplexity %.2f  (%d tokens, %.1f s)",
+            step,
+            record["val_loss"],
+            record["val_perplexity"],
+            tokens,
+            seconds,
+        )
         return record
 
     def close(self) -> None:

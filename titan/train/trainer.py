@@ -28,12 +28,14 @@ from titan.distributed.grad_norm import grad_norm
 from titan.distributed.mesh import ParallelDims, device_for
 from titan.models.llama.args import flops_per_token, num_params
 from titan.models.llama.attention import document_ids
+from titan.models.llama.model import document_positions
 from titan.train.build_model import build_loss, build_model
 from titan.train.logs import setup_rank_logging
 from titan.train.metrics import MetricsLogger, StepTimer
 from titan.train.optim import LRSchedulers, Optimizers
 from titan.train.preempt import PreemptionWatcher, check_control_cadence
 from titan.train.profiling import StepProfiler
+from titan.train.validation import HeldOutBatches, validation_batch_size
 
 log = logging.getLogger("titan")
 
@@ -165,6 +167,11 @@ class Trainer:
             dp_rank=self.dp_rank,
             dp_degree=self.dp_degree,
         )
+        self.validation = (
+            HeldOutBatches(cfg, dp_rank=self.dp_rank, dp_degree=self.dp_degree)
+            if cfg.validation.enable
+            else None
+        )
         self.checkpointer = GuardedCheckpointer(
             cfg.checkpoint,
             self.run_dir,
@@ -226,7 +233,7 @@ class Trainer:
         inputs, labels = self._to_device(inputs), self._to_device(labels)
         if self.pipeline is not None:
             with self.autocast, self.loss_parallel():
-                loss = self.pipeline.step(inputs, labels, grad_scale=scale)
+                loss = self.pipeline.step(inputs, labels, grad_scale=scale, **self._side_inputs(inputs))
             # Only the last stage has the loss: the others add zero over the pipeline ranks.
             loss_sum = _local(loss) if loss is not None else torch.zeros((), device=self.device)
             dist.all_reduce(loss_sum, group=self.meshes["pp"].get_group())
@@ -235,9 +242,8 @@ class Trainer:
             for micro_inputs, micro_labels in zip(
                 inputs.split(t.micro_batch_size), labels.split(t.micro_batch_size), strict=True
             ):
-                documents = document_ids(micro_inputs, self.bos_id) if self.bos_id is not None else None
                 with self.autocast, self.loss_parallel():
-                    logits = self.model_parts[0](micro_inputs, documents)
+                    logits = self.model_parts[0](micro_inputs, **self._side_inputs(micro_inputs))
                     micro_loss = self.loss_fn(logits, micro_labels)
                     (micro_loss * scale).backward()
                 loss_sum += _local(micro_loss.detach())
@@ -327,6 +333,14 @@ class Trainer:
                     warm = self.step - len(interval.losses) + 1 > first_step  # the interval lacks it
                     result = self._log(interval, grad_norm, lr, check_cadence=warm)
                     interval = _Interval(time.perf_counter())
+                if (
+                    not stop
+                    and self.validation is not None
+                    and (last or self.step % cfg.validation.every == 0)
+                ):
+                    seconds = self._validate()
+                    interval.start += seconds  # not training time
+                    self.timer.start()  # the step's checkpoint phase starts after the evaluation
                 if stop:
                     log.warning(
                         "stopping at step %d on %s: saving a checkpoint", self.step, self.preemption.reason
@@ -362,6 +376,53 @@ class Trainer:
             self.loader.close()
         return result
 
+    @torch.no_grad()
+    def _validate(self) -> float:
+        """The mean loss per token over the held-out batches, logged as val_loss and val_perplexity; returns
+        the seconds it took. Reads nothing the training reads: its own loader, no RNG, no gradients."""
+        start = time.perf_counter()
+        t = self.cfg.training
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        batches = 0
+        for inputs, labels in self.validation:
+            batches += 1
+            loss_sum += self._loss_sum(inputs, labels)
+        # Each pp stage but the last added zero; each dp x cp rank summed its own tokens.
+        for mesh in ("pp", "loss"):
+            if self.meshes[mesh].size() > 1:
+                dist.all_reduce(loss_sum, group=self.meshes[mesh].get_group())
+        tokens = batches * validation_batch_size(self.cfg) * t.seq_len
+        loss = loss_sum.item() / tokens
+        seconds = time.perf_counter() - start
+        self.metrics.log_validation(self.step, loss=loss, tokens=tokens, seconds=seconds)
+        return seconds
+
+    def _loss_sum(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Forward only: the summed token loss of this rank's share of one batch (float64, on the device)."""
+        if self.dims.cp > 1:
+            inputs, labels = (shard_sequence(x, self.dims.cp, self.cp_rank) for x in (inputs, labels))
+        inputs, labels = self._to_device(inputs), self._to_device(labels)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        with self.autocast, self.loss_parallel():
+            if self.pipeline is not None:
+                loss = self.pipeline.evaluate(inputs, labels, **self._side_inputs(inputs))
+                return total + _local(loss) if loss is not None else total
+            micro = self.cfg.training.micro_batch_size
+            for micro_inputs, micro_labels in zip(inputs.split(micro), labels.split(micro), strict=True):
+                logits = self.model_parts[0](micro_inputs, **self._side_inputs(micro_inputs))
+                total += _local(self.loss_fn(logits, micro_labels))
+            return total
+
+    def _side_inputs(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the model takes besides the tokens: with document masking the document ids, and with
+        training.rope_positions=document each token's position within its document."""
+        if self.bos_id is None:
+            return {}
+        documents = document_ids(inputs, self.bos_id)
+        if self.cfg.training.rope_positions == "document":
+            return {"documents": documents, "positions": document_positions(documents)}
+        return {"documents": documents}
+
     def _log(self, interval: _Interval, grad_norm: torch.Tensor, lr: float, *, check_cadence: bool) -> dict:
         """Read the interval's losses and this step's norm (the one wait for the device in the interval),
         write the metrics and the step-time split; stop past training.max_nonfinite_steps."""
@@ -385,10 +446,34 @@ class Trainer:
             seconds=seconds,
             data_seconds=interval.data_seconds,
             step_losses=losses,
-            extra={**split, **self._source_shares()},
+            extra={
+                **split,
+                **self._rank_spread(seconds / steps, interval.data_seconds / steps),
+                **self._source_shares(),
+            },
         )
         self._stop_past_limit(skipped)
         return record
+
+    def _rank_spread(self, step_seconds: float, data_seconds: float) -> dict[str, float]:
+        """Stragglers: the slowest and fastest rank's mean step time over the interval, and the rank
+        waiting longest for data (CPU tensors over gloo: no device wait). Ranks meet at every collective,
+        so a slow rank shows as the others' longer steps less than as its own longer data wait."""
+        world, rank = dist.get_world_size(), dist.get_rank()
+        times = torch.zeros(2, world, dtype=torch.float64)
+        times[:, rank] = torch.tensor([step_seconds, data_seconds], dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(times, group=self.checkpointer.control_group)
+        step, data = times.tolist()
+        slowest = max(range(world), key=step.__getitem__)
+        hungriest = max(range(world), key=data.__getitem__)
+        return {
+            "step_time_max_ms": 1000 * step[slowest],
+            "step_time_min_ms": 1000 * min(step),
+            "step_time_max_rank": slowest,
+            "data_time_max_ms": 1000 * data[hungriest],
+            "data_time_max_rank": hungriest,
+        }
 
     def _source_shares(self) -> dict[str, float]:
         """A mixture's realized share of the tokens per source so far, over every rank's sequence slots

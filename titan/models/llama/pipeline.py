@@ -5,6 +5,8 @@ token embedding, the last the final norm and output projection. Parameter names 
 full model ("layers.7.attention.wq.weight"), so checkpoints, initialisation and Hugging Face
 conversion see one model however it is cut. `build_pipeline` hands the stages to the model-agnostic
 runner in titan/distributed/pipeline.py, which places them on ranks and runs the schedule.
+Block-causal attention: every stage takes the document ids as the keyword `documents` (a side input
+of `Pipeline.step`) and builds the document mask of its own blocks, as the whole model does once.
 """
 
 import math
