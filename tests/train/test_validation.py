@@ -19,6 +19,7 @@ from titan.config.errors import ConfigError
 from titan.config.schema import SourceConfig
 from titan.data.holdout import HeldOutSplit
 from titan.data.loader import TrainLoader
+from titan.data.pretokenize import pretokenize
 from titan.data.records import LocalFiles
 from titan.launch.local import launch_local
 from titan.launch.validate import validate, validate_data
@@ -158,6 +159,17 @@ def test_validation_reads_any_data_config(tmp_path):
     }
     run(tiny_config(tmp_path / "mixture", steps=2, data=mixture, validation=VALIDATION))
     assert sorted(_val(read_metrics(tmp_path / "mixture"))) == [2]
+
+
+def test_pretokenized_validation_data_scores_like_its_text(tmp_path):
+    """Token shards of the held-out file give the validation loss of the file itself."""
+    valid = replace(C4_TEST, path=str(numbered_documents(tmp_path / "valid.jsonl", 40)))
+    shards = pretokenize(valid, tmp_path / "valid-tokens", progress=False)
+    losses = {}
+    for name, data in (("text", valid), ("tokens", replace(valid, source="tokens", path=str(shards)))):
+        run(tiny_config(tmp_path / name, steps=2, validation={**VALIDATION, "data": data}))
+        losses[name] = _val(read_metrics(tmp_path / name))
+    assert sorted(losses["tokens"]) == [2] and losses["tokens"] == losses["text"]
 
 
 @pytest.mark.parametrize(

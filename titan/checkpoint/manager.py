@@ -157,10 +157,14 @@ class Checkpointer:
         # The main thread's collectives (agreement on finished or failed saves) and the background
         # save's collectives each get a gloo group: two threads must never share one group, and
         # neither may share the training's (NCCL) group.
-        self._control = dist.new_group(backend="gloo", timeout=_CONTROL_TIMEOUT)
+        self._control = dist.new_group(
+            backend="gloo", timeout=_CONTROL_TIMEOUT, group_desc="checkpoint_control"
+        )
         # The tensor of the step-boundary agreement: on the CPU, so reading it never waits for a device.
         self.control_flags = torch.zeros(2, dtype=torch.int64)
-        self._background = dist.new_group(backend="gloo") if cfg.mode != "sync" else None
+        self._background = (
+            dist.new_group(backend="gloo", group_desc="checkpoint_background") if cfg.mode != "sync" else None
+        )
         self._stager = None
         if cfg.mode != "sync":
             # Pinned CPU memory speeds up the copy from the GPU; shared memory hands the copy to the

@@ -21,7 +21,14 @@ from titan.checkpoint.manager import Checkpointer
 from titan.config.schema import RunConfig
 from titan.data.loader import TrainLoader
 from titan.distributed.cp import shard_sequence
-from titan.distributed.flight_recorder import dump, is_timeout, mesh_groups, recorder_env, set_timeouts
+from titan.distributed.flight_recorder import (
+    dump,
+    is_collective_failure,
+    is_timeout,
+    mesh_groups,
+    recorder_env,
+    set_timeouts,
+)
 from titan.distributed.float8 import fsdp_float8_all_gather, precompute_float8_scales
 from titan.distributed.fsdp import DTYPES
 from titan.distributed.grad_norm import grad_norm
@@ -359,13 +366,16 @@ class Trainer:
                     set_timeouts(mesh_groups(self.meshes), cfg.training.collective_timeout_s)
         except Exception as e:
             self.profiler.on_error(e)
-            if is_timeout(e) and cfg.training.flight_recorder_entries > 0:
+            # Every rank dumps: the one whose collective timed out, and the others, whose collectives
+            # failed when it left (gloo: "Connection closed by peer"); the summary needs them all.
+            if is_collective_failure(e) and cfg.training.flight_recorder_entries > 0:
                 folder = self.flight_recorder_dir
                 dump(folder, self.rank)
-                raise CollectiveTimeout(
-                    f"rank {self.rank}: a collective timed out at step {self.step}; every rank's last "
-                    f"collectives are in {folder}: python -m titan.tools.flight_recorder {folder}"
-                ) from e
+                if is_timeout(e):
+                    raise CollectiveTimeout(
+                        f"rank {self.rank}: a collective timed out at step {self.step}; every rank's last "
+                        f"collectives are in {folder}: python -m titan.tools.flight_recorder {folder}"
+                    ) from e
             raise
         finally:
             self.profiler.close()
