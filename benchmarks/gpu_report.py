@@ -1,5 +1,6 @@
-"""The markdown report of a benchmarks/gpu_check.sh output folder: its parts, the throughput rows and
-the Float8 loss gap, from the files the parts left there (whatever finished).
+"""The markdown report of a benchmarks/gpu_check.sh output folder: its parts, the throughput rows,
+the Float8 loss gap and the sections the short checks wrote (`<part>.md`), from the files the parts
+left there (whatever finished).
 
     python benchmarks/gpu_report.py <output folder>          # prints it and writes <folder>/report.md
 """
@@ -14,16 +15,23 @@ from train_throughput import table as throughput_table
 
 # what an exit status from `timeout` or pytest means
 EXIT_MEANING = {0: "ok", 5: "no tests collected", 124: "timeout", 137: "killed after the timeout"}
+# the short checks' own markdown, in the order they ran: part -> heading
+SECTIONS = {
+    "5-flex-vs-sdpa": "FlexAttention (BlockMask) against SDPA (boolean mask), packed documents",
+    "6-estimate": "Memory: the dry-run estimate against real steps",
+    "7-profile-window": "Profiler window and memory snapshot of a real run",
+    "8-profile-oom": "A provoked out-of-memory error and its snapshot",
+}
 
 
 def parts_table(folder: Path) -> str:
     lines = ["| part | result | seconds | log |", "|---|---|---|---|"]
     for line in (folder / "parts.tsv").read_text().splitlines():
         name, rc, seconds = line.split("\t")
-        result = EXIT_MEANING.get(int(rc), f"failed (exit {rc})")
+        result = "skipped" if rc == "skipped" else EXIT_MEANING.get(int(rc), f"failed (exit {rc})")
         log = folder / f"{name}.txt"
         last = [t for t in log.read_text(errors="replace").splitlines() if t.strip()] if log.exists() else []
-        if last and int(rc) != 0:  # the line that says why
+        if last and rc != "0":  # the line that says why
             result += ": " + last[-1].replace("|", "/")[:160]
         lines.append(f"| {name} | {result} | {seconds} | {log.name} |")
     return "\n".join(lines)
@@ -53,6 +61,10 @@ def report(folder: Path) -> str:
             tables = [loss_gap_table(curves["bf16"], curves[name], name) for name in curves if name != "bf16"]
             sections.append("\n\n".join(tables))
         sections.append("")
+    for name in ran:
+        markdown = folder / f"{name}.md"
+        if name in SECTIONS and markdown.exists():
+            sections += [f"## {SECTIONS[name]} ({name})", "", markdown.read_text().strip(), ""]
     return "\n".join(sections)
 
 
