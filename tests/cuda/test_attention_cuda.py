@@ -126,6 +126,22 @@ def test_fp32_repeats_for_the_efficient_kernel():
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
 
 
+def test_a_boolean_mask_runs_the_efficient_kernel_on_repeated_heads():
+    """A document mask through SDPA (FlexAttention's comparison path): flash takes no mask, so grouped heads
+    would leave SDPA only its math kernel; repeated, the efficient kernel takes the mask."""
+    q, k, v = qkv(torch.bfloat16)
+    mask = torch.ones(256, 256, dtype=torch.bool, device="cuda").tril()
+    assert backend_takes_gqa(q, k, v) and not backend_takes_gqa(q, k, v, mask)
+    with AttentionOps() as ops:
+        out = sdpa(q, k, v, attn_mask=mask)
+    assert len(ops.calls) == 1, ops.calls
+    name, k_heads, extra = ops.calls[0]
+    assert name == "aten._scaled_dot_product_efficient_attention.default" and k_heads == 8 and extra, (
+        ops.calls
+    )
+    torch.testing.assert_close(out, causal(q, k, v), **BF16)
+
+
 def test_kernels_trace_whole_under_compile():
     """The backend check (SDPAParams, can_use_flash_attention) and the CausalBias trace without a graph break."""
     q, k, v = qkv(torch.bfloat16, q_len=128, kv_len=256)

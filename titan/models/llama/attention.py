@@ -31,8 +31,12 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(b, kv_heads, n_rep, s, d).reshape(b, kv_heads * n_rep, s, d)
 
 
-def backend_takes_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the SDPA backend that will run takes k/v with fewer heads than q (`enable_gqa`) as they are."""
+def backend_takes_gqa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None
+) -> bool:
+    """Whether the SDPA backend that will run takes k/v with fewer heads than q (`enable_gqa`) as they are.
+
+    attn_mask: the boolean mask SDPA will get, if any (flash takes none)."""
     # CPU, measured on torch 2.13 (tests/models/test_attention.py): SDPA runs the flash-attention-for-CPU
     # op on the kv heads as they are, no repeat dispatched; the output is bit-identical to repeat_kv's,
     # dK/dV differ by rounding (a group's gradients are summed in another order), and the error against
@@ -43,7 +47,7 @@ def backend_takes_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool
     # not, and SDPA with enable_gqa then skips it for the math kernel, which repeats the heads anyway and
     # materializes the scores. So grouped where flash runs (fp16/bf16, head_dim <= 256, sm80+), repeated
     # for the efficient kernel elsewhere (fp32). Checked on the GPU by tests/cuda/test_attention_cuda.py.
-    return can_use_flash_attention(SDPAParams(q, k, v, None, 0.0, False, True))
+    return can_use_flash_attention(SDPAParams(q, k, v, attn_mask, 0.0, False, True))
 
 
 def sdpa(
@@ -58,7 +62,9 @@ def sdpa(
     attn_mask: a boolean mask or a torch.nn.attention.bias.CausalBias (which picks its own kernel).
     """
     n_rep = q.shape[1] // k.shape[1]
-    if n_rep > 1 and not backend_takes_gqa(q, k, v):
+    # A CausalBias picks its kernel itself (flash or efficient, neither with a mask tensor).
+    mask = attn_mask if isinstance(attn_mask, torch.Tensor) else None
+    if n_rep > 1 and not backend_takes_gqa(q, k, v, mask):
         k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=k.shape[1] != q.shape[1]
