@@ -252,8 +252,28 @@ class Pipeline:
         cut into microbatches like the inputs (e.g. `documents=document_ids(inputs, bos_id)`); one
         given as None is left out, so the stages run with their default.
         """
+        self._grad_scale = grad_scale
+        args, target, side = self._schedule_inputs(inputs, labels, side_inputs)
+        self.schedule.step(*args, target=target, return_outputs=False, **side)
+        return self._local_batch_loss()
+
+    @torch.no_grad()
+    def evaluate(
+        self, inputs: torch.Tensor, labels: torch.Tensor, **side_inputs: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Forward only (torch's `schedule.eval`), as `step` takes its inputs: the unscaled loss summed
+        over the local batch on the rank holding the last stage, else None. No gradient is touched."""
+        args, target, side = self._schedule_inputs(inputs, labels, side_inputs)
+        self.schedule.eval(*args, target=target, **side)
+        return self._local_batch_loss()
+
+    def _schedule_inputs(
+        self, inputs: torch.Tensor, labels: torch.Tensor, side_inputs: dict[str, torch.Tensor | None]
+    ) -> tuple[tuple, torch.Tensor | None, dict[str, torch.Tensor]]:
+        """The schedule's positional args (the first stage's inputs), target (the last stage's labels) and
+        keyword side inputs, on the device; the losses of the coming run start anew."""
         if self.schedule is None:
-            raise RuntimeError("call build_schedule(device, loss_fn) before step()")
+            raise RuntimeError("call build_schedule(device, loss_fn) before running the pipeline")
         device = self._device
         side = {name: t.to(device) for name, t in side_inputs.items() if t is not None}
         for name, t in side.items():
@@ -263,33 +283,16 @@ class Pipeline:
                 raise ValueError(
                     f"side input {name!r} holds {t.shape[0]} sequences, the inputs {inputs.shape[0]}"
                 )
-        self._grad_scale = grad_scale
         self._loss_sums = []
         args = (inputs.to(device),) if self.has_first_stage else ()
         target = labels.to(device) if self.has_last_stage else None
-        self.schedule.step(*args, target=target, return_outputs=False, **side)
+        return args, target, side
+
+    def _local_batch_loss(self) -> torch.Tensor | None:
         if not self.has_last_stage:
             return None
         # On the first step torch infers the stages' shapes with one extra forward/backward of
         # microbatch 0 (its loss included, not accumulated into .grad): the last n losses are the step's.
-        return torch.stack(self._loss_sums[-self.plan.n_microbatches :]).sum()
-
-    @torch.no_grad()
-    def evaluate(
-        self, inputs: torch.Tensor, labels: torch.Tensor, **side_inputs: torch.Tensor | None
-    ) -> torch.Tensor | None:
-        """Forward only (torch's `schedule.eval`), as `step` takes its inputs: the unscaled loss summed
-        over the local batch on the rank holding the last stage, else None. No gradient is touched."""
-        if self.schedule is None:
-            raise RuntimeError("call build_schedule(device, loss_fn) before evaluate()")
-        device = self._device
-        side = {name: t.to(device) for name, t in side_inputs.items() if t is not None}
-        self._loss_sums = []
-        args = (inputs.to(device),) if self.has_first_stage else ()
-        target = labels.to(device) if self.has_last_stage else None
-        self.schedule.eval(*args, target=target, **side)
-        if not self.has_last_stage:
-            return None
         return torch.stack(self._loss_sums[-self.plan.n_microbatches :]).sum()
 
 

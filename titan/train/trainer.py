@@ -468,7 +468,8 @@ class Trainer:
     def _rank_spread(self, step_seconds: float, data_seconds: float) -> dict[str, float]:
         """Stragglers: the slowest and fastest rank's mean step time over the interval, and the rank
         waiting longest for data (CPU tensors over gloo: no device wait). Ranks meet at every collective,
-        so a slow rank shows as the others' longer steps less than as its own longer data wait."""
+        so every rank's steps last as long as the slowest one's: a rank whose loader holds the others up
+        is named by its own data wait."""
         world, rank = dist.get_world_size(), dist.get_rank()
         times = torch.zeros(2, world, dtype=torch.float64)
         times[:, rank] = torch.tensor([step_seconds, data_seconds], dtype=torch.float64)
