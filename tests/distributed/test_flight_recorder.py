@@ -14,6 +14,7 @@ from titan.distributed.flight_recorder import (
     is_timeout,
     mesh_groups,
     recorder_env,
+    set_aside_old_dumps,
     set_timeouts,
     summarize,
 )
@@ -58,3 +59,19 @@ def test_a_skipped_collective_times_out_on_every_rank_and_the_dumps_name_the_ran
     assert "ranks [3] never enqueued #4 gloo:all_reduce, which ranks [1] wait in" in summary, summary
     assert "rank 1: #4 gloo:all_reduce" in summary and "rank 3: #3 gloo:all_reduce" in summary, summary
     assert main([str(tmp_path / "fr")]) == 0 and capsys.readouterr().out.strip() == summary
+
+
+def test_a_starting_rank_sets_its_old_dumps_aside(tmp_path):
+    """A relaunched run writes into the same folder: the summary must not read the last attempt's dumps."""
+    from tests.utils import tiny_config
+    from titan.train.trainer import run
+
+    folder = tmp_path / "flight_recorder"
+    folder.mkdir()
+    (folder / "rank-0.json").write_text("{}")  # an attempt before this one: its rank 0 dumped
+    (folder / "rank-1.json").write_text("{}")  # ... and a rank this one-rank run does not have
+    run(tiny_config(tmp_path, steps=1, parallelism={"dp_shard": 1}, checkpoint={"enable": False}))
+    assert sorted(p.name for p in folder.iterdir()) == ["previous", "rank-1.json"]
+    assert (folder / "previous" / "rank-0.json").read_text() == "{}"
+    set_aside_old_dumps(folder, 0)  # nothing of rank 0's left to move: no error, nothing changes
+    assert sorted(p.name for p in folder.iterdir()) == ["previous", "rank-1.json"]

@@ -256,12 +256,17 @@ def test_pipeline_training_with_document_masking_lowers_the_loss(tmp_path):
 
 
 @pytest.mark.slow
-def test_pipeline_with_document_masking_matches_single_process(tmp_path):
+@pytest.mark.parametrize(
+    "layout, parallelism, nproc",
+    [("pp2", PP2, 2), ("pp2_tp2", {**PP2, "tp": 2}, 4), ("pp2_fsdp2", {"dp_shard": 2, "pp": 2}, 4)],
+)
+def test_pipeline_with_document_masking_matches_single_process(tmp_path, layout, parallelism, nproc):
     """test_parity's setting (3 SGD steps, fp32) and tolerance: losses and grad norms within 1e-5
     relative, weights within 1e-5 absolute. The loader's windows hold document starts, so a stage
-    attending across documents moves the losses by more."""
+    attending across documents moves the losses by more. With TP each stage's mask meets sharded heads;
+    with FSDP each dp rank's stages get their own batch's documents."""
     metrics, weights = [], []
-    for name, parallelism, nproc in (("single", {"dp_shard": 1}, 1), ("pp2", PP2, 2)):
+    for name, parallelism, nproc in (("single", {"dp_shard": 1}, 1), (layout, parallelism, nproc)):
         run_dir = tmp_path / name
         cfg = tiny_config(run_dir, parallelism=parallelism, training={"attention": "block_causal"})
         launch_local(cfg, nproc=nproc)

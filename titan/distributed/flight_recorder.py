@@ -87,6 +87,22 @@ def is_collective_failure(error: BaseException) -> bool:
     )
 
 
+PREVIOUS = "previous"  # where a starting rank puts its dumps of the attempt before
+
+
+def set_aside_old_dumps(folder: Path, rank: int) -> None:
+    """Move this rank's dumps of an earlier attempt into <folder>/previous (replacing older ones there), so
+    that a new hang's dumps are never read together with them: a rank that ends before dumping would
+    otherwise leave its old dump among the new ones."""
+    folder = Path(folder)
+    old = [p for p in (folder / f"{DUMP_PREFIX}{rank}", folder / f"{DUMP_PREFIX}{rank}.json") if p.is_file()]
+    if not old:
+        return
+    (folder / PREVIOUS).mkdir(parents=True, exist_ok=True)
+    for path in old:
+        os.replace(path, folder / PREVIOUS / path.name)
+
+
 def dump(folder: Path, rank: int) -> Path:
     """This rank's Flight Recorder entries, as JSON, into `folder` (written whole, then renamed)."""
     folder = Path(folder)

@@ -27,6 +27,7 @@ from titan.distributed.flight_recorder import (
     is_timeout,
     mesh_groups,
     recorder_env,
+    set_aside_old_dumps,
     set_timeouts,
 )
 from titan.distributed.float8 import fsdp_float8_all_gather, precompute_float8_scales
@@ -123,6 +124,7 @@ class Trainer:
         os.environ.update(recorder_env(self.flight_recorder_dir, cfg.training.flight_recorder_entries))
         init_distributed(self.device, cpu_collectives=cfg.parallelism.cpu_offload)
         self.rank = dist.get_rank()
+        set_aside_old_dumps(self.flight_recorder_dir, self.rank)
         setup_rank_logging(self.run_dir, self.rank)
         set_determinism(cfg.training.seed, cfg.training.deterministic)
 
