@@ -266,10 +266,10 @@ def test_pipeline_with_document_masking_matches_single_process(tmp_path, layout,
     attending across documents moves the losses by more. With TP each stage's mask meets sharded heads;
     with FSDP each dp rank's stages get their own batch's documents."""
     metrics, weights = [], []
-    for name, parallelism, nproc in (("single", {"dp_shard": 1}, 1), (layout, parallelism, nproc)):
+    for name, layout_parallelism, ranks in (("single", {"dp_shard": 1}, 1), (layout, parallelism, nproc)):
         run_dir = tmp_path / name
-        cfg = tiny_config(run_dir, parallelism=parallelism, training={"attention": "block_causal"})
-        launch_local(cfg, nproc=nproc)
+        cfg = tiny_config(run_dir, parallelism=layout_parallelism, training={"attention": "block_causal"})
+        launch_local(cfg, nproc=ranks)
         metrics.append(read_metrics(run_dir))
         weights.append(read_model(run_dir, cfg.training.steps))
     (want, got), (ref_model, model) = metrics, weights
