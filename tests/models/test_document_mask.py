@@ -103,8 +103,8 @@ def test_flex_attention_forward_equals_the_sdpa_mask(compiled):
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=5e-6)
 
 
-def _layout_equals_one_process(rank, world, parallelism):
-    cfg = tiny_config("/unused", parallelism=parallelism)
+def _layout_equals_one_process(rank, world, parallelism, training=None):
+    cfg = tiny_config("/unused", parallelism=parallelism, training=training or {})
     dims = ParallelDims.resolve(cfg.parallelism, world)
     (sharded,), _ = build_model(cfg, dims, dims.build_meshes("cpu"), torch.device("cpu"), cross_entropy_sum)
     reference = model()
@@ -128,6 +128,16 @@ def _layout_equals_one_process(rank, world, parallelism):
 @pytest.mark.parametrize("parallelism", [{"dp_shard": 2}, {"dp_shard": 1, "tp": 2}], ids=["fsdp", "tp2"])
 def test_layouts_equal_one_process(parallelism):
     spawn_ranks(_layout_equals_one_process, 2, parallelism)
+
+
+@pytest.mark.parametrize(
+    "training",
+    [{"ac": "full"}, {"ac": "op"}, {"compile": True, "compile_backend": "aot_eager", "ac": "op"}],
+    ids=["ac-full", "ac-op", "compiled-ac-op"],
+)
+def test_activation_checkpointing_and_compile_keep_the_mask(training):
+    """The mask reaches recomputed and compiled blocks: the logits and gradients of the plain model."""
+    spawn_ranks(_layout_equals_one_process, 1, {"dp_shard": 1}, training)
 
 
 def test_training_with_document_masking_lowers_the_loss(tmp_path):
