@@ -23,7 +23,9 @@ TWO_RANKS = ["cluster.nproc_per_node=2"]  # the default layout: FSDP over 2 rank
 # Long enough never to finish here; every step logged, and no checkpoint but the stop's own.
 FOREVER = ["training.steps=100000", "metrics.log_freq=1", "checkpoint.interval=50000"]
 LONG = [*SMALL, *FOREVER]
-PROMPT = 20  # seconds from the signal to the exit: the elastic agent's teardown would take 30
+# Seconds from the signal to the exit: the elastic agent's teardown would take 30. A stop takes ~4 s on a
+# quiet machine; 25 leaves room for a suite running 4- and 8-rank tests beside it (once measured 20+).
+PROMPT = 25
 
 
 def start(*args: str, root: Path) -> subprocess.Popen:
