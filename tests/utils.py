@@ -18,6 +18,7 @@ from titan.config.schema import (
     RunDirConfig,
     TrainingConfig,
 )
+from titan.models.llama.model import Transformer
 
 TINY_MODEL = ModelArgs(
     dim=64,
@@ -34,6 +35,21 @@ C4_TEST = DataConfig(
     path=str(asset_path("c4_test/c4-train.00000-of-00001.json")),
     tokenizer=str(asset_path("tokenizers/titan_debug.tiktoken")),
 )
+
+
+def random_model(args: ModelArgs = TINY_MODEL, seed: int = 0) -> Transformer:
+    """Weights far from init scale (attention scores O(1), norm gains != 1): the logits spread widely, so
+    a wrong layout, rotary convention, position or cache entry moves them by much more than any
+    tolerance, and greedy decoding has clear winners. The same `seed` gives the same weights."""
+    torch.manual_seed(seed)
+    model = Transformer(args)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(std=0.5 if name == "tok_embeddings.weight" else p.shape[-1] ** -0.5)
+    return model.eval()
 
 
 def tiny_config(run_dir: Path, *, steps: int = 3, **groups) -> RunConfig:

@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from tests.checkpoint.common import one_rank_config
-from tests.utils import TINY_MODEL, read_model
+from tests.utils import TINY_MODEL, random_model, read_model
 from titan.assets import asset_path
 from titan.checkpoint.dcp_model import read_dcp_model, write_dcp_model
 from titan.checkpoint.hf import HF_INDEX, dcp_to_hf, read_hf
@@ -21,20 +21,6 @@ from titan.train.trainer import run
 transformers = pytest.importorskip("transformers")
 
 DIRECTIONS = ("dcp-to-hf", "hf-to-dcp", "meta-to-dcp", "dcp-to-meta", "dcp-to-torch", "seed")
-
-
-def random_model(args: ModelArgs) -> Transformer:
-    """Weights far from init scale (attention scores O(1), norm gains != 1), so a wrong layout or
-    rotary convention moves the logits by much more than the tolerance."""
-    torch.manual_seed(0)
-    model = Transformer(args)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(std=0.5 if name == "tok_embeddings.weight" else p.shape[-1] ** -0.5)
-    return model.eval()
 
 
 def equal(a, b):

@@ -9,30 +9,15 @@ import torch
 from torch.distributed.device_mesh import init_device_mesh
 
 from tests.multirank import spawn_ranks
-from tests.utils import TINY_MODEL
+from tests.utils import TINY_MODEL, random_model
 from titan.checkpoint.dcp_model import write_dcp_model
 from titan.checkpoint.hf import dcp_to_hf
-from titan.models.llama.args import ModelArgs
 from titan.models.llama.generation import generate, kv_caches, sample
 from titan.models.llama.kv_cache import KVCache
 from titan.models.llama.model import Transformer
 from titan.models.llama.tp_inference import apply_tp_inference
 
 PROMPT_LEN, NEW = 12, 20
-
-
-def random_model(args: ModelArgs = TINY_MODEL, seed: int = 0) -> Transformer:
-    """Weights far from init scale (attention scores O(1), norm gains != 1): the logits spread widely,
-    so greedy decoding has clear winners and a wrong position or cache entry changes them."""
-    torch.manual_seed(seed)
-    model = Transformer(args)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(std=0.5 if name == "tok_embeddings.weight" else p.shape[-1] ** -0.5)
-    return model.eval()
 
 
 def prompt(batch: int = 2, length: int = PROMPT_LEN, seed: int = 1) -> torch.Tensor:

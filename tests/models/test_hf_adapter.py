@@ -5,6 +5,7 @@ import torch
 
 # GQA (4 query heads on 2 kv heads) and Llama 3.1 rope scaling with all three bands present.
 from tests.models.test_model import TINY
+from tests.utils import random_model
 from titan.models.llama.args import ModelArgs
 from titan.models.llama.hf_adapter import (
     from_hf_config,
@@ -63,21 +64,6 @@ def args_for(tied: bool) -> ModelArgs:
     return ModelArgs(**{**TINY.__dict__, "tie_embeddings": tied})
 
 
-def random_titan(args: ModelArgs) -> Transformer:
-    """Weights far from init scale (attention scores O(1), norm gains != 1), so a wrong layout or
-    rotary convention moves the logits by much more than the tolerance."""
-    torch.manual_seed(0)
-    model = Transformer(args)
-    model.init_weights()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(std=0.5 if name == "tok_embeddings.weight" else p.shape[-1] ** -0.5)
-    return model
-
-
 def hf_model(args: ModelArgs):
     config = transformers.LlamaConfig(**to_hf_config(args), attn_implementation="eager")
     return transformers.LlamaForCausalLM(config).eval()
@@ -96,7 +82,7 @@ def test_rope_frequencies_match_hf():
 @pytest.mark.parametrize("tied", [False, True])
 def test_logits_match_hf_llama(tied):
     args = args_for(tied)
-    model = random_titan(args).eval()
+    model = random_model(args)
     hf = hf_model(args)
     missing, unexpected = hf.load_state_dict(to_hf_state_dict(model.state_dict(), args), strict=False)
     assert not unexpected and missing == (["lm_head.weight"] if tied else [])
@@ -121,7 +107,7 @@ def test_logits_match_hf_llama(tied):
 def test_rotary_permutation_is_needed():
     """Control: loading titan's wq/wk rows into Hugging Face unpermuted changes the logits."""
     args = args_for(False)
-    model = random_titan(args).eval()
+    model = random_model(args)
     sd = to_hf_state_dict(model.state_dict(), args)
     for name, w in model.state_dict().items():
         if name.endswith(("wq.weight", "wk.weight")):
@@ -137,7 +123,7 @@ def test_rotary_permutation_is_needed():
 @pytest.mark.parametrize("tied", [False, True])
 def test_state_dict_round_trips_exactly(tied):
     args = args_for(tied)
-    sd = random_titan(args).state_dict()
+    sd = random_model(args).state_dict()
     back = from_hf_state_dict(to_hf_state_dict(sd, args), args)
     assert back.keys() == sd.keys()
     assert all(torch.equal(back[k], sd[k]) for k in sd)

@@ -8,9 +8,8 @@ import torch
 import yaml
 
 from tests.checkpoint.common import one_rank_config
-from tests.models.test_generation import random_model
 from tests.multirank import spawn_ranks
-from tests.utils import TINY_MODEL
+from tests.utils import TINY_MODEL, random_model
 from titan.assets import asset_path
 from titan.checkpoint.dcp_model import read_dcp_model, write_dcp_model
 from titan.checkpoint.hf import dcp_to_hf
