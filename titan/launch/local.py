@@ -68,10 +68,9 @@ def run_local(cfg: RunConfig, world: int) -> dict:
     return result
 
 
-def launch_local(cfg: RunConfig, nproc: int, *, stops: bool = True) -> dict:
-    """Run `trainer.run(cfg)` on `nproc` local ranks; returns rank 0's result. `stops=False`: INT and
-    TERM are the caller's (run_local), not the agent's teardown (TERM to every rank, SIGKILL 30 s on)."""
-    config = LaunchConfig(
+def single_node_config(nproc: int, **options) -> LaunchConfig:
+    """torchrun --standalone's launch of `nproc` ranks on this machine, spawned, never restarted."""
+    return LaunchConfig(
         min_nodes=1,
         max_nodes=1,
         nproc_per_node=nproc,
@@ -81,6 +80,15 @@ def launch_local(cfg: RunConfig, nproc: int, *, stops: bool = True) -> dict:
         max_restarts=0,
         monitor_interval=0.1,
         start_method="spawn",
+        **options,
+    )
+
+
+def launch_local(cfg: RunConfig, nproc: int, *, stops: bool = True) -> dict:
+    """Run `trainer.run(cfg)` on `nproc` local ranks; returns rank 0's result. `stops=False`: INT and
+    TERM are the caller's (run_local), not the agent's teardown (TERM to every rank, SIGKILL 30 s on)."""
+    config = single_node_config(
+        nproc,
         logs_specs=DefaultLogsSpecs(log_dir=str(Path(cfg.run.dir) / "logs" / "elastic")),
         signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT" if stops else "SIGHUP,SIGQUIT",
     )

@@ -21,7 +21,6 @@ import json
 import os
 import sys
 import time
-import uuid
 import warnings
 from pathlib import Path
 
@@ -215,23 +214,13 @@ def generate_on_rank(request: Request) -> Generated:
 def launch_ranks(request: Request) -> Generated:
     """`request.tp` local ranks under torch's elastic launcher (the API behind torchrun); rank 0's result."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    from torch.distributed.launcher.api import elastic_launch
 
+    from titan.launch.local import single_node_config
     from titan.tools import generate as this  # by module name: the spawned ranks import it
 
-    config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=request.tp,
-        run_id=uuid.uuid4().hex,
-        rdzv_backend="c10d",
-        rdzv_endpoint="localhost:0",  # a free port, as `torchrun --standalone` picks
-        max_restarts=0,
-        monitor_interval=0.1,
-        start_method="spawn",
-    )
     try:
-        return elastic_launch(config, this.generate_on_rank)(request)[0]
+        return elastic_launch(single_node_config(request.tp), this.generate_on_rank)(request)[0]
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         sys.exit(f"error: rank {rank} failed (exit code {failure.exitcode}); its traceback is above")
