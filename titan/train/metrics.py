@@ -370,6 +370,15 @@ class MetricsLogger:
             record[key] = value
         if not self.enabled:
             return record
+        self._write(record)
+        if self._bar is not None:
+            self._bar.set_loss(record["loss"])
+        logger.info(format_line(record, self.total_steps))
+        return record
+
+    def _write(self, record: dict[str, Any]) -> None:
+        """One record into metrics.jsonl, and its numbers into TensorBoard and W&B at its step."""
+        step = record["step"]
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
         scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
@@ -382,10 +391,6 @@ class MetricsLogger:
             self._tb.flush()
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
-        if self._bar is not None:
-            self._bar.set_loss(record["loss"])
-        logger.info(format_line(record, self.total_steps))
-        return record
 
     def log_validation(self, step: int, *, loss: float, tokens: int, seconds: float) -> dict:
         """A record of its own for an evaluation on held-out data (validation.py): `val_loss` (mean
@@ -400,14 +405,7 @@ class MetricsLogger:
         }
         if not self.enabled:
             return record
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
-        if self._tb is not None:
-            for key in ("val_loss", "val_perplexity"):
-                self._tb.add_scalar(key, record[key], step)
-            self._tb.flush()
-        if self._wandb is not None:
-            self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=step)
+        self._write(record)
         logger.info(
             "step %d  validation: loss %.4f  perplexity %.2f  (%d tokens, %.1f s)",
             step,

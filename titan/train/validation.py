@@ -9,13 +9,8 @@ from collections.abc import Iterator
 
 import torch
 
-from titan.config.schema import DataConfig, RunConfig
+from titan.config.schema import RunConfig
 from titan.data.loader import TrainLoader
-
-
-def validation_data(cfg: RunConfig) -> DataConfig:
-    """validation.data, or the training data (whose held-out part validation reads)."""
-    return cfg.validation.data if cfg.validation.data is not None else cfg.data
 
 
 def validation_batch_size(cfg: RunConfig) -> int:
@@ -26,12 +21,10 @@ class HeldOutBatches:
     """validation.steps batches of (inputs, labels), this dp rank's rows of each global batch."""
 
     def __init__(self, cfg: RunConfig, *, dp_rank: int, dp_degree: int):
-        data = validation_data(cfg)
-        if cfg.validation.data is None and not data.holdout_every:
-            raise ValueError(
-                "validation.enable=true needs held-out data: set data.holdout_every=N (every N-th document "
-                "of the training data is held out of training) or give validation.data"
-            )
+        given = cfg.validation.data
+        # The training data is read for the documents it holds out (the loader refuses it when it holds
+        # none); validation.data whole, unless it holds documents out too (files shared with training).
+        data = given if given is not None else cfg.data
         self.steps = cfg.validation.steps
         self.loader = TrainLoader(
             data,
@@ -39,9 +32,7 @@ class HeldOutBatches:
             global_batch_size=validation_batch_size(cfg),
             dp_rank=dp_rank,
             dp_degree=dp_degree,
-            # A data config that holds documents out is read for those only; one that does not (a
-            # validation file, a hub split) whole.
-            part="heldout" if data.holdout_every else "train",
+            part="heldout" if given is None or data.holdout_every else "train",
         )
         self.start = self.loader.state_dict()
 
