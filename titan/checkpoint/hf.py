@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from titan.checkpoint.dcp_model import iter_dcp_model, model_args_of, write_dcp_model
 from titan.checkpoint.format import begin, commit
@@ -124,6 +125,19 @@ class HFWeights:
         with safe_open(str(self._file_of[hf_name]), framework="pt") as f:
             tensor = f.get_tensor(hf_name)
         return from_hf_state_dict({hf_name: tensor}, self.args)[name]
+
+
+def copy_whole_tensors(state: dict[str, torch.Tensor], weights: HFWeights) -> None:
+    """Copy each whole tensor `weights[name]` into `state[name]` in place, in its dtype and on its device;
+    a DTensor keeps its own piece (every rank read the whole tensor: no communication)."""
+    with torch.no_grad():
+        for name, target in state.items():
+            full = weights[name].to(dtype=target.dtype, device=target.device)
+            if isinstance(target, DTensor):
+                mesh, placements = target.device_mesh, target.placements
+                full = distribute_tensor(full, mesh, placements, src_data_rank=None).to_local()
+                target = target.to_local()
+            target.copy_(full)
 
 
 def read_hf(folder: Path) -> tuple[HFWeights, ModelArgs]:

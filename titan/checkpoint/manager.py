@@ -43,7 +43,6 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from titan.checkpoint.compat import compare_with_checkpoint, model_args_diff
 from titan.checkpoint.format import (
@@ -67,7 +66,7 @@ from titan.checkpoint.format import (
     write_rng_state,
     write_train_state,
 )
-from titan.checkpoint.hf import dcp_to_hf, read_hf
+from titan.checkpoint.hf import copy_whole_tensors, dcp_to_hf, read_hf
 from titan.checkpoint.options import EXPORT_DTYPES, PARTS, config_problems
 from titan.config.schema import CheckpointConfig
 
@@ -614,12 +613,5 @@ class Checkpointer:
             missing = [k for k in state if k not in weights]
             if missing:
                 raise CheckpointLoadError(f"checkpoint.initial_load_path={path} lacks {missing[:4]}")
-            for name, target in state.items():
-                full = weights[name].to(dtype=target.dtype, device=target.device)
-                if isinstance(target, DTensor):
-                    # Every rank read the whole tensor: keep the local piece, no communication.
-                    piece = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
-                    target.to_local().copy_(piece.to_local())
-                else:
-                    target.copy_(full)
+            copy_whole_tensors(state, weights)
             set_model_state_dict(part, state)

@@ -29,11 +29,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import yaml
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from titan.checkpoint.dcp_model import model_args_of
 from titan.checkpoint.format import checkpoint_folder, complete_steps, read_owner, step_dir
-from titan.checkpoint.hf import read_hf
+from titan.checkpoint.hf import copy_whole_tensors, read_hf
 from titan.data.tokenizer import build_tokenizer
 from titan.models.llama.args import ModelArgs
 from titan.models.llama.generation import generate
@@ -138,13 +137,7 @@ def load_full_tensors(model: Transformer, weights) -> None:
     missing = [name for name in state if name not in weights]
     if missing:
         raise ValueError(f"the weights lack {len(missing)} of the model's tensors, e.g. {missing[0]}")
-    with torch.no_grad():
-        for name, target in state.items():
-            full = weights[name].to(target.dtype)
-            if isinstance(target, DTensor):  # each rank slices its own shard: no communication
-                full = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
-                full, target = full.to_local(), target.to_local()
-            target.copy_(full)
+    copy_whole_tensors(state, weights)
 
 
 def load_model(source: Source, device: torch.device, dtype: torch.dtype, tp_mesh=None) -> Transformer:
